@@ -1,0 +1,1 @@
+"""Loupe: a self-hosted image-upscaling server with an OpenAI-compatible API."""

@@ -1,0 +1,255 @@
+"""One declarative table: every model id Loupe answers to, and where it can run.
+
+A row says how a model runs locally (which weight files, one per native scale),
+how it is reached remotely (fal app and how its parameters are named), what
+scales it takes and what it costs. Adding a model means adding a row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """A model Loupe runs itself. `weights` maps each native scale to a weight id of the manifest."""
+
+    weights: dict[int, str]
+    family: Literal["esrgan", "aura"]
+    description: str = ""
+
+    @property
+    def native_scales(self) -> tuple[int, ...]:
+        return tuple(sorted(self.weights))
+
+
+@dataclass(frozen=True)
+class ParamRange:
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class FalRoute:
+    """How one fal app names and bounds its inputs.
+
+    `scale_field` is the app's name for the scale (None: the app's scale is fixed at
+    `fixed_scale`). `renamed` maps Loupe field names to the app's; `ranges` bounds
+    numeric inputs by the app's own name; `output` is where the app puts its images.
+    """
+
+    app_id: str
+    scale_field: str | None
+    scale: ParamRange = ParamRange()
+    fixed_scale: float | None = None
+    renamed: dict[str, str] = field(default_factory=dict)
+    ranges: dict[str, ParamRange] = field(default_factory=dict)
+    defaults: dict[str, object] = field(default_factory=dict)
+    output: Literal["image", "images"] = "image"
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD. Exactly one of the three is set; tiers are (max output megapixels, price) ascending."""
+
+    per_image: float | None = None
+    per_megapixel: float | None = None
+    tiers: tuple[tuple[float, float], ...] = ()
+    source: str = ""
+
+    def cost(self, output_pixels: int) -> float:
+        megapixels = output_pixels / 1_000_000
+        if self.per_image is not None:
+            return self.per_image
+        if self.per_megapixel is not None:
+            return round(self.per_megapixel * megapixels, 6)
+        for limit, price in self.tiers:
+            if megapixels <= limit:
+                return price
+        return self.tiers[-1][1]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str
+    description: str
+    default_scale: float
+    scale: ParamRange = ParamRange()
+    aliases: tuple[str, ...] = ()
+    local: LocalSpec | None = None
+    fal: FalRoute | None = None
+    gateway: bool = True
+    price: Price | None = None
+    owned_by: str = "loupe"
+
+
+MODELS: tuple[ModelEntry, ...] = (
+    ModelEntry(
+        id="realesrgan-x4plus",
+        aliases=("real-esrgan",),
+        description="Real-ESRGAN x4plus: general photo model (RRDBNet, 23 blocks)",
+        default_scale=4,
+        local=LocalSpec(weights={4: "realesrgan-x4plus"}, family="esrgan"),
+        fal=FalRoute(
+            app_id="fal-ai/esrgan",
+            scale_field="scale",
+            scale=ParamRange(1, 8),
+            defaults={"model": "RealESRGAN_x4plus"},
+        ),
+        # fal bills esrgan per compute second; the gateway's card shows 0.2 cents an image.
+        price=Price(per_image=0.002, source="lumenfall.ai/models real-esrgan card"),
+        owned_by="xinntao",
+    ),
+    ModelEntry(
+        id="realesrgan-x4plus-anime",
+        description="Real-ESRGAN x4plus anime 6B: illustrations and anime",
+        default_scale=4,
+        local=LocalSpec(weights={4: "realesrgan-x4plus-anime"}, family="esrgan"),
+        fal=FalRoute(
+            app_id="fal-ai/esrgan",
+            scale_field="scale",
+            scale=ParamRange(1, 8),
+            defaults={"model": "RealESRGAN_x4plus_anime_6B"},
+        ),
+        price=Price(per_image=0.002, source="lumenfall.ai/models real-esrgan card"),
+        owned_by="xinntao",
+    ),
+    ModelEntry(
+        id="realesr-animevideov3",
+        description="Real-ESRGAN animevideov3 (SRVGGNetCompact): small and fast, native x2, x3 and x4",
+        default_scale=4,
+        local=LocalSpec(
+            weights={2: "realesr-animevideov3-x2", 3: "realesr-animevideov3-x3", 4: "realesr-animevideov3-x4"},
+            family="esrgan",
+        ),
+        fal=FalRoute(
+            app_id="fal-ai/esrgan",
+            scale_field="scale",
+            scale=ParamRange(1, 8),
+            defaults={"model": "RealESRGAN_x4_anime_v3"},
+        ),
+        price=Price(per_image=0.002, source="lumenfall.ai/models real-esrgan card"),
+        owned_by="xinntao",
+    ),
+    ModelEntry(
+        id="aura-sr",
+        description="AuraSR v2: GigaGAN 4x super-resolution for generated images",
+        default_scale=4,
+        local=LocalSpec(weights={4: "aura-sr"}, family="aura"),
+        fal=FalRoute(app_id="fal-ai/aura-sr", scale_field=None, fixed_scale=4),
+        owned_by="fal",
+    ),
+    ModelEntry(
+        id="topaz-image-upscale",
+        description="Topaz: photo-realistic upscaling, fractional scales",
+        default_scale=2,
+        scale=ParamRange(1, 4),
+        fal=FalRoute(
+            app_id="fal-ai/topaz/upscale/image",
+            scale_field="upscale_factor",
+            scale=ParamRange(1, 4),
+            ranges={"face_enhancement_strength": ParamRange(0, 1)},
+        ),
+        # fal.ai/models/fal-ai/topaz/upscale/image pricing: by output megapixels.
+        price=Price(
+            tiers=((24, 0.08), (48, 0.16), (96, 0.32), (512, 1.36)),
+            source="fal.ai/models/fal-ai/topaz/upscale/image",
+        ),
+        owned_by="topaz",
+    ),
+    ModelEntry(
+        id="crystal-upscaler",
+        description="Crystal (Clarity AI): portraits, faces and products, up to 10K",
+        default_scale=2,
+        scale=ParamRange(1, 200),
+        fal=FalRoute(
+            app_id="clarityai/crystal-upscaler",
+            scale_field="scale_factor",
+            scale=ParamRange(1, 200),
+            ranges={"creativity": ParamRange(0, 10)},
+            output="images",
+        ),
+        # fal.ai/models/clarityai/crystal-upscaler: $0.016 per output megapixel.
+        price=Price(per_megapixel=0.016, source="fal.ai/models/clarityai/crystal-upscaler"),
+        owned_by="clarityai",
+    ),
+    ModelEntry(
+        id="clarity-upscaler",
+        description="Clarity: ControlNet-tile creative upscaler",
+        default_scale=2,
+        scale=ParamRange(1, 4),
+        fal=FalRoute(
+            app_id="fal-ai/clarity-upscaler",
+            scale_field="upscale_factor",
+            scale=ParamRange(1, 4),
+            ranges={"creativity": ParamRange(0, 1), "resemblance": ParamRange(0, 3)},
+        ),
+        # fal.ai/models/fal-ai/clarity-upscaler: $0.03 per megapixel.
+        price=Price(per_megapixel=0.03, source="fal.ai/models/fal-ai/clarity-upscaler"),
+        owned_by="philz1337x",
+    ),
+    ModelEntry(
+        id="flux-vision-upscaler",
+        description="Flux Vision: creative detail, structure preserved",
+        default_scale=2,
+        scale=ParamRange(1, 4),
+        fal=FalRoute(
+            app_id="fal-ai/flux-vision-upscaler",
+            scale_field="upscale_factor",
+            scale=ParamRange(1, 4),
+            ranges={"creativity": ParamRange(0, 1), "guidance": ParamRange(1, 4), "steps": ParamRange(4, 50)},
+        ),
+        # lumenfall.ai/models flux-vision-upscaler: "starting at $0.1/image".
+        price=Price(per_image=0.10, source="lumenfall.ai/models flux-vision-upscaler"),
+        owned_by="fal",
+    ),
+    ModelEntry(
+        id="seedvr-image-upscale",
+        description="SeedVR2: high-fidelity photo upscaling",
+        default_scale=2,
+        scale=ParamRange(1, 10),
+        fal=FalRoute(
+            app_id="fal-ai/seedvr/upscale/image",
+            scale_field="upscale_factor",
+            scale=ParamRange(1, 10),
+        ),
+        # fal.ai/models/fal-ai/seedvr/upscale/image: $0.001 per megapixel.
+        price=Price(per_megapixel=0.001, source="fal.ai/models/fal-ai/seedvr/upscale/image"),
+        owned_by="bytedance",
+    ),
+    ModelEntry(
+        id="recraft-crisp-upscale",
+        description="Recraft Crisp: sharp photographic detail, fixed scale",
+        default_scale=4,
+        fal=FalRoute(app_id="fal-ai/recraft/upscale/crisp", scale_field=None),
+        # recraft.ai/docs/api-reference/tools/upscale: $0.004 per image.
+        price=Price(per_image=0.004, source="recraft.ai/docs/api-reference/tools/upscale"),
+        owned_by="recraft",
+    ),
+    ModelEntry(
+        id="recraft-creative-upscale",
+        description="Recraft Creative: stylized and illustrated content, fixed scale",
+        default_scale=4,
+        fal=FalRoute(app_id="fal-ai/recraft/upscale/creative", scale_field=None),
+        # recraft.ai/docs/api-reference/tools/upscale: $0.25 per image.
+        price=Price(per_image=0.25, source="recraft.ai/docs/api-reference/tools/upscale"),
+        owned_by="recraft",
+    ),
+    ModelEntry(
+        id="google-upscaler",
+        description="Google Imagen upscaler (Vertex), x2 or x4; reached through the gateway only",
+        default_scale=2,
+        scale=ParamRange(choices=(2, 4)),
+        # lumenfall.ai/models google-upscaler card: 0.5 cents.
+        price=Price(per_image=0.005, source="lumenfall.ai/models google-upscaler card"),
+        owned_by="google",
+    ),
+)
+
+_BY_NAME: dict[str, ModelEntry] = {name: entry for entry in MODELS for name in (entry.id, *entry.aliases)}
+
+
+def find(name: str) -> ModelEntry | None:
+    """The row for a model id or alias, or None."""
+    return _BY_NAME.get(name)

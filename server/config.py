@@ -1,0 +1,59 @@
+"""Every LOUPE_* setting, read once from the environment and passed down."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import field_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOUPE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = None
+    log_level: str = "info"
+
+    # Local engine
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    weights_dir: Path = PROJECT_ROOT / "weights"
+    tile_size: int | None = Field(default=None, ge=0)
+    vram_budget: int | None = Field(default=None, ge=0, description="bytes the model cache may hold on a GPU")
+    compile: bool = True
+    queue_size: int = Field(default=16, ge=1)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+    # Results
+    data_dir: Path = PROJECT_ROOT / "data"
+    result_ttl_s: int = Field(default=3600, ge=1)
+
+    # Input limits
+    max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    max_output_side: int = Field(default=10240, ge=1)
+    max_input_pixels: int = Field(default=64 * 1024 * 1024, ge=1)
+    allow_private_urls: bool = False
+    url_timeout_s: float = Field(default=30.0, gt=0)
+
+    # Access
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    rate_limit: float | None = Field(default=None, gt=0, description="requests per second per API key")
+
+    # Remote providers
+    fal_url: str = "https://queue.fal.run"
+    fal_key: str | None = None
+    gateway_url: str | None = None
+    gateway_key: str | None = None
+    fallback: Literal["never", "unavailable", "overload"] = "unavailable"
+    remote_timeout_s: float = Field(default=300.0, gt=0)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value

@@ -1,0 +1,1 @@
+"""The HTTP layer: FastAPI routes and the protocol models at the edge."""

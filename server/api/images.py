@@ -1,0 +1,225 @@
+"""POST /v1/images/edits: parse the form, build a Job, run or plan it, respond."""
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from server import catalog, imaging, net
+from server.api.protocol import DryRunResponse, EditForm, ErrorResponse, ImagesResponse
+from server.catalog import ModelEntry, ParamRange
+from server.config import Settings
+from server.errors import ApiError, invalid
+from server.jobs import Job, OutputFormat, SourceImage
+from server.serving import Services, dry_run, run
+
+router = APIRouter()
+
+_KNOWN_FIELDS = set(EditForm.model_fields) | {"image", "image[]"}
+_MAX_FIELDS = 64
+
+
+def _form_schema() -> dict[str, Any]:
+    schema = EditForm.model_json_schema()
+    schema["properties"]["image"] = {
+        "type": "string",
+        "format": "binary",
+        "description": "The image: a file, or a string holding an http(s) URL or a data: URI",
+    }
+    schema["required"] = ["model", "image"]
+    schema["additionalProperties"] = {"type": "string"}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 502, 503, 504)
+}
+
+
+@router.post(
+    "/images/edits",
+    response_model=ImagesResponse | DryRunResponse,
+    responses=_ERRORS,
+    openapi_extra=_form_schema(),
+    summary="Upscale an image (OpenAI images.edit compatible)",
+)
+async def edit_image(
+    request: Request, dry_run_flag: bool = Query(False, alias="dryRun", description="Check and plan without running")
+) -> JSONResponse:
+    services: Services = request.app.state.services
+    settings = services.settings
+    form, image_field, extra = await _read_form(request, settings)
+    entry = _resolve_model(form.model, services)
+    # A catalog id, never the client's own string: metric labels must stay a bounded set.
+    request.state.model_label = entry.id if catalog.find(entry.id) is not None else "(gateway)"
+    source = await _load_image(image_field, settings)
+    job = _build_job(request.state.request_id, form, entry, source, extra)
+    headers = {"X-Loupe-Model": job.requested_model}
+    if dry_run_flag:
+        planned = await dry_run(job, services)
+        request.state.provider = headers["X-Loupe-Provider"] = planned.provider
+        return JSONResponse(planned.model_dump(), headers=headers)
+    base_url = (settings.public_url or str(request.base_url)).rstrip("/")
+    cancel = threading.Event()
+    outcome = await _run_until_disconnect(request, run(job, services, cancel, base_url), cancel, settings)
+    request.state.provider = outcome.response.metadata.provider
+    headers["X-Loupe-Provider"] = outcome.response.metadata.provider
+    return JSONResponse(outcome.response.model_dump(exclude_none=True), headers=headers)
+
+
+async def _run_until_disconnect(request: Request, work: Any, cancel: threading.Event, settings: Settings) -> Any:
+    """Run the work, cancelling it when the client goes away or the request times out."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, timeout=settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        cancel.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if watcher in done:
+            raise ApiError(499, "the client closed the request", code="CLIENT_CLOSED", retryable=False)
+        raise ApiError(504, f"the request took longer than {settings.request_timeout_s:g} s (LOUPE_REQUEST_TIMEOUT_S)",
+                       code="REQUEST_TIMEOUT", retryable=False)
+    finally:
+        watcher.cancel()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)
+
+
+async def _read_form(request: Request, settings: Settings) -> tuple[EditForm, UploadFile | str, dict[str, str]]:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        raise ApiError(415, "send the request as multipart/form-data, as the openai SDK does", code="UNSUPPORTED_MEDIA_TYPE",
+                       retryable=False)
+    # A data: URI image is a text field, so text parts may be as large as an upload, base64-encoded.
+    max_part = math.ceil(settings.max_upload_bytes * 4 / 3) + 1024
+    form = await request.form(max_files=2, max_fields=_MAX_FIELDS, max_part_size=max_part)
+    images = form.getlist("image") + form.getlist("image[]")
+    if not images:
+        raise invalid("the image field is required: a file, an http(s) URL or a data: URI", "image")
+    if len(images) > 1:
+        raise invalid("send one image per request", "image")
+    fields: dict[str, str] = {}
+    extra: dict[str, str] = {}
+    for key, value in form.multi_items():
+        if key in ("image", "image[]"):
+            continue
+        if not isinstance(value, str):
+            raise invalid(f"only `image` may be a file; `{key}` was a file", key)
+        if key in _KNOWN_FIELDS:
+            fields[key] = value
+        else:
+            extra[key] = value
+    try:
+        parsed = EditForm.model_validate({k: v for k, v in fields.items() if v != ""})
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None
+        raise invalid(f"{param}: {first['msg']}" if param else first["msg"], param) from None
+    return parsed, images[0], extra
+
+
+def _resolve_model(name: str, services: Services) -> ModelEntry:
+    entry = catalog.find(name)
+    if entry is not None:
+        return entry
+    if services.providers.route(None, name) is not None:
+        return ModelEntry(id=name, description="forwarded unchanged to the gateway", default_scale=2)
+    raise ApiError(404, f"the model `{name}` does not exist; GET /v1/models lists the models", param="model",
+                   code="MODEL_NOT_FOUND", retryable=False)
+
+
+async def _load_image(field: UploadFile | str, settings: Settings) -> SourceImage:
+    if isinstance(field, UploadFile):
+        data = await net.read_capped(_chunks(field), settings.max_upload_bytes)
+        filename = field.filename or "image"
+    elif field.startswith("data:"):
+        data = net.decode_data_uri(field, max_bytes=settings.max_upload_bytes)
+        filename = "image"
+    elif field.lower().startswith(("http://", "https://")):
+        data, _ = await net.fetch_image_url(field, settings=settings)
+        filename = field.rsplit("/", 1)[-1][:100] or "image"
+    else:
+        raise invalid("image must be a file, an http(s) URL or a data: URI", "image")
+    if not data:
+        raise invalid("the image is empty", "image")
+    info = await asyncio.to_thread(imaging.probe, data)
+    if info.width * info.height > settings.max_input_pixels:
+        raise ApiError(400, f"the image is {info.width}x{info.height}, over the limit of {settings.max_input_pixels} pixels "
+                       "(LOUPE_MAX_INPUT_PIXELS)", param="image", code="IMAGE_TOO_LARGE")
+    return SourceImage(data=data, width=info.width, height=info.height, format=info.format, filename=filename)
+
+
+async def _chunks(upload: UploadFile, size: int = 1 << 20) -> Any:
+    while chunk := await upload.read(size):
+        yield chunk
+
+
+def _build_job(request_id: str, form: EditForm, entry: ModelEntry, source: SourceImage, extra: dict[str, str]) -> Job:
+    scale, target = _target(form, entry, source)
+    output_format: OutputFormat = (
+        "jpeg" if form.output_format == "jpg" else form.output_format or imaging.default_output_format(source.format)
+    )
+    return Job(
+        request_id=request_id,
+        requested_model=form.model,
+        entry=entry,
+        image=source,
+        scale=scale,
+        target=target,
+        output_format=output_format,
+        response_format=form.response_format,
+        output_compression=form.output_compression,
+        n=form.n,
+        seed=form.seed,
+        prompt=form.prompt,
+        user=form.user,
+        scale_given=form.scale_factor is not None or form.size_pixels() is not None,
+        size_given=form.size,
+        extra=extra,
+    )
+
+
+def _target(form: EditForm, entry: ModelEntry, source: SourceImage) -> tuple[float, tuple[int, int]]:
+    width, height = source.width, source.height
+    size = form.size_pixels()
+    if size is not None:
+        if form.scale_factor is not None:
+            raise invalid("give scale_factor or size, not both", "size")
+        target_w, target_h = size
+        if target_w < 1 or target_h < 1:
+            raise invalid("size must be at least 1x1", "size")
+        scale = target_w / width
+        if abs(round(height * scale) - target_h) > 1 and abs(round(width * target_h / height) - target_w) > 1:
+            raise invalid(
+                f"size {target_w}x{target_h} does not keep the input's aspect ratio ({width}x{height}); "
+                "use scale_factor, or a size with the same ratio",
+                "size",
+            )
+        _check_scale(entry, scale, "size")
+        return scale, (target_w, target_h)
+    scale = form.scale_factor if form.scale_factor is not None else entry.default_scale
+    _check_scale(entry, scale, "scale_factor")
+    return scale, (max(1, round(width * scale)), max(1, round(height * scale)))
+
+
+def _check_scale(entry: ModelEntry, scale: float, param: str) -> None:
+    allowed: ParamRange = entry.scale
+    if allowed.choices is not None and not any(math.isclose(scale, c, rel_tol=1e-3) for c in allowed.choices):
+        choices = " or ".join(f"{c:g}" for c in allowed.choices)
+        raise invalid(f"{entry.id} takes a scale of {choices} only, not {scale:g}", param)
+    if (allowed.minimum is not None and scale < allowed.minimum - 1e-9) or (
+        allowed.maximum is not None and scale > allowed.maximum + 1e-9
+    ):
+        raise invalid(f"{entry.id} takes a scale from {allowed.minimum:g} to {allowed.maximum:g}, not {scale:g}", param)

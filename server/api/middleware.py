@@ -1,0 +1,204 @@
+"""Cross-cutting HTTP concerns: request ids, body-size caps, API keys, errors in OpenAI's shape."""
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import ApiError
+from server.metrics import Metrics
+from server.logs import request_id_var
+
+log = logging.getLogger("loupe.http")
+access_log = logging.getLogger("loupe.access")
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def error_response(error: ApiError, request_id: str | None = None) -> JSONResponse:
+    headers = dict(error.headers)
+    if not error.retryable:
+        headers["x-should-retry"] = "false"
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+class RequestIdMiddleware:
+    """Give every request an id (the client's `X-Request-Id` when well-formed), echoed on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _CLIENT_REQUEST_ID.match(incoming) else new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over the cap while they stream in, before anything reads them whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = scope.get("state", {}).get("request_id")
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await error_response(self._too_large(), request_id)(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await error_response(self._too_large(), request_id)(scope, receive, send)
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"the request body is over {self.max_bytes} bytes (LOUPE_MAX_UPLOAD_BYTES plus form overhead)",
+                        param="image", code="PAYLOAD_TOO_LARGE", retryable=False)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    def request_id(request: Request) -> str | None:
+        return getattr(request.state, "request_id", None)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error_response(error, request_id(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        first: dict[str, Any] = error.errors()[0] if error.errors() else {}
+        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        param = loc[0] if loc else None
+        message = f"{param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg", "invalid request"))
+        return error_response(ApiError(400, message, param=param), request_id(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(error.status_code)
+        return error_response(ApiError(error.status_code, str(error.detail), code=code), request_id(request))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(ApiError(500, "internal error; the server log has the details", code="INTERNAL_ERROR"),
+                              request_id(request))
+
+
+class Admission:
+    """Whether the server takes new requests, and how many are in flight (for a graceful shutdown)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.active = 0
+
+
+_ALWAYS_ANSWERED = ("/healthz", "/readyz", "/metrics")
+
+
+class AdmissionMiddleware:
+    """While draining, new requests get 503 and in-flight ones finish."""
+
+    def __init__(self, app: ASGIApp, admission: Admission) -> None:
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _ALWAYS_ANSWERED:
+            await self.app(scope, receive, send)
+            return
+        if self.admission.draining:
+            error = ApiError(503, "the server is shutting down; retry on another instance or shortly",
+                             code="SHUTTING_DOWN", headers={"Retry-After": "5", "Connection": "close"})
+            await error_response(error, scope.get("state", {}).get("request_id"))(scope, receive, send)
+            return
+        self.admission.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admission.active -= 1
+
+
+class AccessLogMiddleware:
+    """One JSON log line per request, and the request metrics for image edits."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            seconds = time.perf_counter() - started
+            state = scope.get("state", {})
+            model, provider = state.get("model_label", "-"), state.get("provider", "-")
+            if scope["path"].endswith("/images/edits"):
+                self.metrics.observe_request(model, provider, status, seconds)
+            if scope["path"] not in _ALWAYS_ANSWERED:
+                access_log.info("request", extra={"method": scope["method"], "path": scope["path"], "status": status,
+                                                  "seconds": round(seconds, 4), "model": model, "provider": provider})

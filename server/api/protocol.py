@@ -1,0 +1,125 @@
+"""Pydantic models for what crosses the wire: the edit form, responses and errors.
+
+They follow OpenAI's images API and the hosted gateway's additions (`metadata`,
+dry runs); nothing in here knows how an image is upscaled.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
+
+
+class EditForm(BaseModel):
+    """The non-file fields of `POST /v1/images/edits`, as the openai SDK sends them (strings in a multipart form)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    model: str = Field(min_length=1, max_length=200, description="Model id, e.g. realesrgan-x4plus")
+    scale_factor: float | None = Field(default=None, description="Output size ÷ input size, per axis; > 0")
+    prompt: str | None = Field(default=None, max_length=32000, description="Guidance; ignored by models that take none")
+    size: str | None = Field(default=None, description="Target size WxH; must keep the input's aspect ratio")
+    response_format: Literal["url", "b64_json"] = "url"
+    output_format: Literal["png", "jpeg", "jpg", "webp", "gif", "avif"] | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    n: int = Field(default=1, ge=1, le=10)
+    user: str | None = Field(default=None, max_length=256)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+    @field_validator("scale_factor")
+    @classmethod
+    def _finite_positive(cls, value: float | None) -> float | None:
+        if value is not None and (not math.isfinite(value) or value <= 0):
+            raise ValueError("scale_factor must be a finite number greater than 0")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _size_shape(cls, value: str | None) -> str | None:
+        if value is not None and value != "auto" and not _SIZE.match(value):
+            raise ValueError("size must look like 2048x1536")
+        return value
+
+    def size_pixels(self) -> tuple[int, int] | None:
+        match = _SIZE.match(self.size or "")
+        return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+class ImageData(BaseModel):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class Metadata(BaseModel):
+    model: str
+    executed_model: str
+    provider: str
+    provider_name: str
+    cost: float
+    cost_currency: str = "USD"
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    size: str
+    data: list[ImageData]
+    metadata: Metadata
+
+
+class CostComponent(BaseModel):
+    type: Literal["input", "output"]
+    metric: str
+    quantity: float
+    billable_quantity: float
+    unit_price: float
+    total_cost: int  # micro-USD
+
+
+class DryRunResponse(BaseModel):
+    """The gateway's dry-run fields, then Loupe's additions."""
+
+    estimated: bool = True
+    model: str
+    provider: str
+    total_cost_micros: int
+    currency: str = "USD"
+    components: list[CostComponent]
+    size: str | None
+    executed_model: str
+    plan: dict[str, Any] | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    description: str
+    aliases: list[str]
+    default_scale: float
+    runnable: bool
+    where: Literal["local", "fal", "gateway"] | None
+    local: dict[str, Any] | None
+    remote: list[str]
+    price: dict[str, Any] | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

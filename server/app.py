@@ -1,0 +1,101 @@
+"""The FastAPI app factory and its lifespan: settings, engine, providers, storage."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from server import catalog
+from server.api import files, images, models
+from server.api.guards import RateLimiter, admit
+from server.api.middleware import (
+    AccessLogMiddleware,
+    Admission,
+    AdmissionMiddleware,
+    BodyLimitMiddleware,
+    RequestIdMiddleware,
+    install_error_handlers,
+)
+from server.config import Settings
+from server.engine.runtime import LocalEngine
+from server.metrics import Metrics
+from server.progress import ProgressHub
+from server.remote import RemoteProviders
+from server.serving import Services
+from server.storage import ResultStore
+
+STATIC_DIR = Path(__file__).parent / "static"
+_FORM_OVERHEAD_BYTES = 1 << 20
+
+
+async def _sweep_results(store: ResultStore, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        await asyncio.to_thread(store.sweep)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = LocalEngine(settings)
+        await engine.start()
+        metrics.watch_engine(engine.stats)
+        providers = RemoteProviders(settings)
+        store = ResultStore(settings.data_dir / "results", settings.result_ttl_s)
+        app.state.services = Services(settings, engine, providers, store, ProgressHub(asyncio.get_running_loop()))
+        sweeper = asyncio.create_task(_sweep_results(store, min(60.0, settings.result_ttl_s / 2)))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await providers.aclose()
+            await engine.close()
+
+    app = FastAPI(
+        title="Loupe",
+        version="0.1.0",
+        description="Self-hosted image upscaling with an OpenAI-compatible images API",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    metrics = Metrics()
+    app.state.admission = Admission()
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES)
+    app.add_middleware(AdmissionMiddleware, admission=app.state.admission)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)
+
+    app.state.rate_limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
+    guarded = [Depends(admit)]
+    for prefix, in_schema in (("/v1", True), ("/openai/v1", False)):
+        for router in (images.router, models.router, files.progress_router):
+            app.include_router(router, prefix=prefix, dependencies=guarded, include_in_schema=in_schema)
+    app.include_router(files.results_router)
+
+    @app.get("/healthz", summary="Alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Ready: a device is up and at least one local model has its weights")
+    async def readyz(request: Request) -> JSONResponse:
+        services: Services = request.app.state.services
+        reasons = {e.id: services.engine.unavailable_reason(e) for e in catalog.MODELS if e.local is not None}
+        ready = any(reason is None for reason in reasons.values())
+        body = {"status": "ready" if ready else "not ready", "device": services.engine.device_name, "models": reasons}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    return app

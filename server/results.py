@@ -1,0 +1,61 @@
+"""Turn finished images into what the client asked for: stored URLs or base64, in its format.
+
+Local results arrive as pictures; remote ones as encoded bytes, which are kept
+as they are when they already match the requested format and re-encoded when not.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+from dataclasses import dataclass
+
+from server import imaging
+from server.api.protocol import ImageData
+from server.imaging import Picture
+from server.jobs import Job
+from server.storage import ResultStore
+
+
+@dataclass(frozen=True)
+class Published:
+    items: list[ImageData]
+    size: tuple[int, int]  # of the first image
+
+
+def _encode_picture(picture: Picture, job: Job) -> bytes:
+    return imaging.encode(picture, job.output_format, job.output_compression)
+
+
+def _convert_remote(data: bytes, job: Job, max_pixels: int) -> tuple[bytes, tuple[int, int]]:
+    info = imaging.probe(data)
+    same_format = imaging.default_output_format(info.format) == job.output_format
+    if same_format and job.output_compression is None:
+        return data, (info.width, info.height)
+    picture = imaging.decode(data, max_pixels=max_pixels)
+    return _encode_picture(picture, job), (picture.width, picture.height)
+
+
+async def publish_pictures(pictures: list[Picture], job: Job, store: ResultStore, base_url: str) -> Published:
+    """Encode each distinct picture once (a deterministic model's n copies share one file)."""
+    encoded: dict[int, bytes] = {}
+    for picture in pictures:
+        if id(picture) not in encoded:
+            encoded[id(picture)] = await asyncio.to_thread(_encode_picture, picture, job)
+    blobs = [encoded[id(picture)] for picture in pictures]
+    return Published(await _deliver(blobs, job, store, base_url), (pictures[0].width, pictures[0].height))
+
+
+async def publish_remote(images: list[bytes], job: Job, store: ResultStore, base_url: str, max_pixels: int) -> Published:
+    converted = [await asyncio.to_thread(_convert_remote, data, job, max_pixels) for data in images]
+    blobs = [data for data, _ in converted]
+    return Published(await _deliver(blobs, job, store, base_url), converted[0][1])
+
+
+async def _deliver(blobs: list[bytes], job: Job, store: ResultStore, base_url: str) -> list[ImageData]:
+    if job.response_format == "b64_json":
+        return [ImageData(b64_json=base64.b64encode(blob).decode("ascii")) for blob in blobs]
+    names: dict[int, str] = {}
+    for blob in blobs:
+        if id(blob) not in names:
+            names[id(blob)] = await asyncio.to_thread(store.save, blob, job.output_format)
+    return [ImageData(url=f"{base_url}/results/{names[id(blob)]}") for blob in blobs]

@@ -1,0 +1,108 @@
+"""Result files: written atomically under unguessable names, gone after their time to live.
+
+A result is visible under its final name only once it is complete (temp file in the
+same directory, fsync, rename), and it expires by its mtime even before a sweep deletes it.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from stat import S_ISREG
+
+from server.errors import ApiError
+
+log = logging.getLogger("loupe.storage")
+
+# Output format → (file extension, media type).
+_FORMATS = {
+    "png": ("png", "image/png"),
+    "jpeg": ("jpg", "image/jpeg"),
+    "jpg": ("jpg", "image/jpeg"),
+    "webp": ("webp", "image/webp"),
+    "gif": ("gif", "image/gif"),
+    "avif": ("avif", "image/avif"),
+}
+_MEDIA_TYPES = dict(_FORMATS.values())
+_NAME = re.compile(r"[0-9a-f]{32}\.(" + "|".join(sorted(_MEDIA_TYPES)) + r")")
+_TEMP_PREFIX = ".partial-"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class ResultStore:
+    def __init__(self, root: Path, ttl_s: int) -> None:
+        self.root = root
+        self.ttl_s = ttl_s
+
+    def save(self, data: bytes, fmt: str) -> str:
+        """Store one result; its name, e.g. "3f2a…c1.png". ApiError STORAGE_UNAVAILABLE when the disk refuses."""
+        if fmt.lower() not in _FORMATS:
+            raise ValueError(f"no result format {fmt!r}; known: {sorted(_FORMATS)}")
+        extension, _ = _FORMATS[fmt.lower()]
+        name = f"{secrets.token_hex(16)}.{extension}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._write_atomically(self.root / name, data)
+        except OSError as error:
+            log.error("could not store a result", extra={"directory": str(self.root), "error": str(error)})
+            if error.errno in _DISK_FULL:
+                raise ApiError(507, "the server's result storage is full; try again later or ask for b64_json",
+                               code="STORAGE_UNAVAILABLE", retryable=False) from None
+            raise ApiError(500, "the server could not store the result; ask for b64_json or tell the operator",
+                           code="STORAGE_UNAVAILABLE", retryable=False) from None
+        return name
+
+    def open(self, name: str) -> tuple[Path, str] | None:
+        """The file and media type of a live result; None for an unknown, expired or impossible name."""
+        match = _NAME.fullmatch(name)
+        if match is None:
+            return None
+        path = self.root / name
+        try:
+            info = path.stat()
+        except OSError:
+            return None
+        if not S_ISREG(info.st_mode) or self._expired(info.st_mtime, time.time()):
+            return None
+        return path, _MEDIA_TYPES[match.group(1)]
+
+    def sweep(self) -> int:
+        """Delete expired results (and temp files a crash left behind); how many were deleted."""
+        now = time.time()
+        deleted = 0
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if not (_NAME.fullmatch(entry.name) or entry.name.startswith(_TEMP_PREFIX)):
+                continue
+            try:
+                if self._expired(entry.stat().st_mtime, now):
+                    os.unlink(entry.path)
+                    deleted += 1
+            except FileNotFoundError:
+                continue
+            except OSError as error:
+                log.warning("could not delete an expired result", extra={"path": entry.path, "error": str(error)})
+        return deleted
+
+    def _expired(self, mtime: float, now: float) -> bool:
+        return now >= mtime + self.ttl_s
+
+    def _write_atomically(self, final: Path, data: bytes) -> None:
+        descriptor, temp = tempfile.mkstemp(dir=self.root, prefix=_TEMP_PREFIX)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, final)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise

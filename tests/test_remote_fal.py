@@ -1,0 +1,387 @@
+"""The fal.ai provider against a fake fal queue served on 127.0.0.1: protocol, normalization, errors, breaker."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from server import catalog
+from server.config import Settings
+from server.errors import ApiError
+from server.jobs import Job
+from server.remote import RemoteProviders, RemoteResult
+from server.remote.breaker import CircuitBreaker
+from server.remote.fal import FalProvider
+from tests.fake_upstreams import FAL_KEY, FakeFal, encoded, make_job, pattern
+from tests.servers import free_port, serve
+
+
+@pytest.fixture(scope="module")
+def served_fal() -> Iterator[FakeFal]:
+    fake = FakeFal()
+    with serve(fake.app) as url:
+        fake.url = url
+        yield fake
+
+
+@pytest.fixture
+def fal(served_fal: FakeFal) -> FakeFal:
+    served_fal.reset()
+    return served_fal
+
+
+def settings_for(fal_url: str, **overrides: Any) -> Settings:
+    return Settings.model_validate(
+        {"fal_key": FAL_KEY, "fal_url": fal_url, "gateway_url": None, "remote_timeout_s": 10, **overrides}
+    )
+
+
+async def _upscale(settings: Settings, job: Job) -> RemoteResult:
+    providers = RemoteProviders(settings)
+    try:
+        provider = providers.route(job.entry, job.requested_model)
+        assert provider is not None and provider.name == "fal"
+        return await provider.upscale(job)
+    finally:
+        await providers.aclose()
+
+
+def upscale(settings: Settings, job: Job) -> RemoteResult:
+    return asyncio.run(_upscale(settings, job))
+
+
+def upscale_error(settings: Settings, job: Job) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        upscale(settings, job)
+    return caught.value
+
+
+def pixels(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def test_queue_cycle_follows_the_returned_urls_to_the_upscaled_image(fal: FakeFal) -> None:
+    fal.reset(queued_polls=2, running_polls=2)
+    job = make_job("crystal-upscaler", scale=2.5)
+
+    result = upscale(settings_for(fal.url), job)
+
+    [submitted] = fal.submits
+    assert submitted.app_id == "clarityai/crystal-upscaler"
+    assert submitted.authorization == f"Key {FAL_KEY}"
+    assert submitted.polls == 5  # IN_QUEUE twice, IN_PROGRESS twice, then COMPLETED
+    [image] = result.images
+    expected = pattern().resize((40, 30), Image.Resampling.NEAREST)
+    assert pixels(image.data).tobytes() == expected.tobytes()
+    assert image.content_type == "image/png"
+    assert (result.provider, result.provider_name) == ("fal", "fal.ai")
+    assert result.executed_model == "fal/clarityai/crystal-upscaler"
+    assert result.cost == pytest.approx(0.016 * 40 * 30 / 1_000_000, abs=1e-6)  # USD, to the micro-dollar
+
+
+@pytest.mark.parametrize(
+    ("model", "scale", "extra", "prompt", "seed", "expected", "absent"),
+    [
+        (
+            "topaz-image-upscale", 1.5,
+            {"face_enhancement_strength": "0.5", "face_enhancement": "false", "subject_detection": "Foreground",
+             "crop_to_fill": "true"},
+            "ignored by topaz", None,
+            {"upscale_factor": 1.5, "output_format": "png", "face_enhancement_strength": 0.5,
+             "face_enhancement": False, "subject_detection": "Foreground", "crop_to_fill": True},
+            {"scale_factor", "prompt", "seed", "n"},
+        ),
+        (
+            "clarity-upscaler", 2, {"creativity": "0.4", "resemblance": "1.5", "num_inference_steps": "18",
+                                    "enable_safety_checker": "false"},
+            "a sharp photo", 42,
+            {"upscale_factor": 2, "creativity": 0.4, "resemblance": 1.5, "num_inference_steps": 18,
+             "enable_safety_checker": False, "prompt": "a sharp photo", "seed": 42},
+            {"scale_factor"},
+        ),
+        (
+            "flux-vision-upscaler", 3, {"guidance_scale": "2.5", "num_inference_steps": "30"}, None, None,
+            {"upscale_factor": 3, "guidance": 2.5, "steps": 30},
+            {"guidance_scale", "num_inference_steps"},
+        ),
+        (
+            "realesrgan-x4plus-anime", 4, {"face": "true", "tile": "256"}, None, None,
+            {"scale": 4, "model": "RealESRGAN_x4plus_anime_6B", "face": True, "tile": 256},
+            {"upscale_factor", "scale_factor"},
+        ),
+        (
+            "crystal-upscaler", 150, {"creativity": "7"}, None, None,
+            {"scale_factor": 150, "creativity": 7},
+            {"upscale_factor", "prompt"},
+        ),
+        (
+            "aura-sr", 4, {"overlapping_tiles": "true"}, None, None,
+            {"checkpoint": "v2", "overlapping_tiles": True},
+            {"upscale_factor", "upscaling_factor", "scale"},
+        ),
+    ],
+)
+def test_the_json_body_is_in_the_apps_own_words(
+    fal: FakeFal, model: str, scale: float, extra: dict[str, str], prompt: str | None, seed: int | None,
+    expected: dict[str, Any], absent: set[str],
+) -> None:
+    job = make_job(model, scale=scale, extra=extra, prompt=prompt, seed=seed, image=encoded(pattern(4, 3)))
+    upscale(settings_for(fal.url), job)
+
+    [submitted] = fal.submits
+    sent = dict(submitted.input)
+    image_url = sent.pop("image_url")
+    assert image_url == "data:image/png;base64," + base64.b64encode(job.image.data).decode()
+    assert sent == expected
+    assert not absent & sent.keys()
+
+
+def test_an_app_that_takes_only_png_gets_a_png_data_uri(fal: FakeFal) -> None:
+    job = make_job("recraft-crisp-upscale", scale=4, image=encoded(pattern(), "JPEG"))
+    upscale(settings_for(fal.url), job)
+
+    image_url = fal.submits[0].input["image_url"]
+    assert image_url.startswith("data:image/png;base64,")
+    assert Image.open(io.BytesIO(base64.b64decode(image_url.partition(",")[2]))).format == "PNG"
+
+
+def test_n_is_emulated_by_parallel_submits_with_distinct_seeds(fal: FakeFal) -> None:
+    job = make_job("clarity-upscaler", scale=2, n=3, seed=10)
+    result = upscale(settings_for(fal.url), job)
+
+    assert len(fal.submits) == 3
+    assert sorted(request.input["seed"] for request in fal.submits) == [10, 11, 12]
+    assert [pixels(image.data).size for image in result.images] == [(32, 24)] * 3
+    assert result.cost == pytest.approx(3 * catalog.find("clarity-upscaler").price.cost(32 * 24))
+
+
+@pytest.mark.parametrize("output", ["image", "images", "url-strings", "data-uri"])
+def test_every_documented_result_shape_is_read(fal: FakeFal, output: str) -> None:
+    fal.reset(output=output)
+    result = upscale(settings_for(fal.url), make_job("realesrgan-x4plus", scale=2))
+    assert pixels(result.images[0].data).size == (32, 24)
+
+
+def test_transient_status_failures_are_retried(fal: FakeFal) -> None:
+    fal.reset(flaky_status_polls=2)
+    result = upscale(settings_for(fal.url), make_job("realesrgan-x4plus", scale=2))
+    assert len(result.images) == 1
+    assert len(fal.submits) == 1
+
+
+@pytest.mark.parametrize(
+    ("model", "scale", "extra", "param", "words"),
+    [
+        ("topaz-image-upscale", 6, {}, "scale_factor", "from 1 to 4"),
+        ("crystal-upscaler", 250, {}, "scale_factor", "from 1 to 200"),
+        ("aura-sr", 2, {}, "scale_factor", "only upscales by 4"),
+        ("crystal-upscaler", 2, {"creativity": "12"}, "creativity", "from 0 to 10"),
+        ("clarity-upscaler", 2, {"creativity": "lots"}, "creativity", "must be a number"),
+        ("crystal-upscaler", 2, {"image_url": "https://example.com/a.png"}, "image_url", "set by Loupe"),
+        ("topaz-image-upscale", 2, {"upscale_factor": "3"}, "upscale_factor", "set by Loupe"),
+    ],
+)
+def test_a_request_the_app_cannot_take_is_a_400_before_any_call(
+    fal: FakeFal, model: str, scale: float, extra: dict[str, str], param: str, words: str
+) -> None:
+    error = upscale_error(settings_for(fal.url), make_job(model, scale=scale, extra=extra))
+    assert (error.status, error.param, error.retryable) == (400, param, False)
+    assert words in error.message
+    assert fal.submits == []
+
+
+def test_a_fixed_scale_app_ignores_the_default_scale(fal: FakeFal) -> None:
+    result = upscale(settings_for(fal.url), make_job("recraft-creative-upscale"))
+    assert pixels(result.images[0].data).size == (64, 48)
+    assert "scale_factor" not in fal.submits[0].input
+
+
+def test_upstream_422_keeps_its_status_and_message_without_the_key(
+    fal: FakeFal, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    fal.reset(submit_error=(422, {"detail": [{"loc": ["body", "image_url"], "type": "image_too_large",
+                                              "msg": f"image too large for account {FAL_KEY}"}]}))
+    error = upscale_error(settings_for(fal.url), make_job("crystal-upscaler", scale=2))
+
+    assert (error.status, error.param, error.retryable) == (422, "image", False)
+    assert "image too large" in error.message
+    assert_no_key(error, caplog)
+    assert len(fal.submits) == 1
+
+
+def test_a_failed_submit_is_a_502_and_is_never_retried(fal: FakeFal, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    fal.reset(submit_error=(500, {"detail": "runner crashed while serving Authorization: Key " + FAL_KEY}))
+    error = upscale_error(settings_for(fal.url), make_job("crystal-upscaler", scale=2))
+
+    assert (error.status, error.code) == (502, "UPSTREAM_ERROR")
+    assert "runner crashed" in error.message
+    assert_no_key(error, caplog)
+    assert len(fal.submits) == 1
+
+
+def test_a_model_timeout_reported_by_fal_is_a_504(fal: FakeFal) -> None:
+    fal.reset(result_error=(504, {"detail": "Request timed out", "error_type": "request_timeout"}))
+    error = upscale_error(settings_for(fal.url), make_job("realesrgan-x4plus", scale=2))
+    assert error.status == 504
+    assert "Request timed out" in error.message
+
+
+def test_rejected_credentials_are_the_servers_problem_not_the_clients(fal: FakeFal) -> None:
+    settings = settings_for(fal.url, fal_key="wrong-key-0000000000")
+    error = upscale_error(settings, make_job("realesrgan-x4plus", scale=2))
+    assert (error.status, error.code, error.retryable) == (502, "UPSTREAM_AUTH", False)
+    assert "wrong-key" not in error.message
+
+
+def test_a_hung_request_times_out_as_504_and_is_cancelled_upstream(fal: FakeFal) -> None:
+    fal.reset(never_finish=True)
+    started = time.monotonic()
+    error = upscale_error(settings_for(fal.url, remote_timeout_s=1.0), make_job("crystal-upscaler", scale=2))
+
+    assert error.status == 504
+    assert "LOUPE_REMOTE_TIMEOUT_S" in error.message
+    assert time.monotonic() - started < 4
+    assert fal.cancelled == [fal.submits[0].id]
+
+
+def test_a_dead_provider_is_a_fast_502() -> None:
+    started = time.monotonic()
+    error = upscale_error(settings_for(f"http://127.0.0.1:{free_port()}"), make_job("crystal-upscaler", scale=2))
+    assert (error.status, error.code) == (502, "UPSTREAM_ERROR")
+    assert "unreachable" in error.message
+    assert time.monotonic() - started < 5
+
+
+def test_cancelling_the_caller_cancels_the_fal_request(fal: FakeFal) -> None:
+    fal.reset(never_finish=True)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(_upscale(settings_for(fal.url), make_job("crystal-upscaler", scale=2, n=2)))
+        while sum(request.polls for request in fal.submits) < 2:
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert sorted(fal.cancelled) == sorted(request.id for request in fal.submits)
+    assert len(fal.submits) == 2
+
+
+def test_the_breaker_opens_after_repeated_failures_and_answers_503_without_calling(fal: FakeFal) -> None:
+    fal.reset(submit_error=(500, {"detail": "boom"}))
+
+    async def scenario() -> list[ApiError]:
+        providers = RemoteProviders(settings_for(fal.url))
+        errors = []
+        job = make_job("crystal-upscaler", scale=2)
+        try:
+            for _ in range(6):
+                provider = providers.route(job.entry, job.requested_model)
+                assert provider is not None
+                with pytest.raises(ApiError) as caught:
+                    await provider.upscale(job)
+                errors.append(caught.value)
+        finally:
+            await providers.aclose()
+        return errors
+
+    errors = asyncio.run(scenario())
+    assert [error.status for error in errors] == [502] * 5 + [503]
+    assert int(errors[-1].headers["Retry-After"]) >= 1
+    assert len(fal.submits) == 5
+
+
+def test_a_half_open_breaker_lets_one_probe_through_and_closes_on_success(fal: FakeFal) -> None:
+    fal.reset(submit_error=(500, {"detail": "boom"}))
+    breaker = CircuitBreaker("fal.ai", threshold=1, cooldown_s=0.3)
+    job = make_job("realesrgan-x4plus", scale=2)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient() as http:
+            provider = FalProvider(settings_for(fal.url), http, breaker=breaker)
+            for status in (502, 503):
+                with pytest.raises(ApiError) as caught:
+                    await provider.upscale(job)
+                assert caught.value.status == status
+            assert not provider.available()
+            await asyncio.sleep(0.35)
+            assert breaker.state == "half-open"
+            fal.reset()
+            await provider.upscale(job)
+            assert breaker.state == "closed"
+
+    asyncio.run(scenario())
+
+
+def test_breaker_counts_only_provider_failures() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker("fal.ai", threshold=2, cooldown_s=10, clock=lambda: now[0])
+
+    def outcome(status: int | None) -> None:
+        try:
+            with breaker.call():
+                if status is not None:
+                    raise ApiError(status, "x")
+        except ApiError:
+            pass
+
+    outcome(502)
+    outcome(422)  # the provider answered: the streak resets
+    outcome(502)
+    assert breaker.state == "closed"
+    outcome(504)
+    assert breaker.state == "open"
+    with pytest.raises(ApiError) as caught, breaker.call():
+        pass
+    assert caught.value.status == 503
+    now[0] = 10.0
+    assert breaker.state == "half-open"
+    outcome(502)  # the probe failed: open again for a full cool-down
+    assert breaker.state == "open"
+
+
+def test_dry_run_prices_the_output_without_calling_fal(fal: FakeFal) -> None:
+    async def dry(job: Job) -> dict[str, Any]:
+        providers = RemoteProviders(settings_for(fal.url))
+        try:
+            provider = providers.route(job.entry, job.requested_model)
+            assert provider is not None
+            return await provider.dry_run(job)
+        finally:
+            await providers.aclose()
+
+    crystal = asyncio.run(dry(make_job("crystal-upscaler", scale=2, n=2)))
+    assert crystal["provider"] == "fal"
+    assert crystal["executed_model"] == "fal/clarityai/crystal-upscaler"
+    [component] = crystal["components"]
+    assert component["metric"] == "megapixel"
+    assert component["quantity"] == pytest.approx(2 * 32 * 24 / 1_000_000)
+    assert crystal["total_cost_micros"] == round(0.016 * 2 * 32 * 24)
+
+    topaz = asyncio.run(dry(make_job("topaz-image-upscale", scale=2, n=3)))
+    assert topaz["components"][0] == {"type": "output", "metric": "image", "quantity": 3,
+                                           "billable_quantity": 3, "unit_price": 0.08, "total_cost": 240_000}
+    assert topaz["total_cost_micros"] == 240_000
+
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(dry(make_job("topaz-image-upscale", scale=5)))
+    assert caught.value.status == 400
+    assert fal.submits == []
+
+
+def assert_no_key(error: ApiError, caplog: pytest.LogCaptureFixture) -> None:
+    for secret in (FAL_KEY, *FAL_KEY.split(":")):
+        assert secret not in error.message
+        assert secret not in str(error.body())
+        assert secret not in caplog.text

@@ -78,6 +78,8 @@ class ProgressHub:
                         channel.changed.wait_for(lambda: channel.version != seen), timeout=_IDLE_TIMEOUT_S
                     )
                 except TimeoutError:
+                    if channel.version == seen:  # nothing ever reported: don't keep the channel
+                        self._channels.pop(request_id, None)
                     return
 
     def _channel(self, request_id: str) -> _Channel:

@@ -44,7 +44,7 @@ def reference_upscale(weights_dir: Path, weight_id: str, image: Image.Image) -> 
     """The model's own output: one full-frame fp32 forward pass through spandrel, nothing of Loupe's."""
     path = find_weights(weight_id, weights_dir)
     model = spandrel.ModelLoader().load_from_file(str(path)).eval()
-    tensor = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    tensor = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         output = model(tensor)
     return (output[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)

@@ -58,7 +58,8 @@ def test_sigterm_drains_in_flight_work(weights_dir: Path, tmp_path: Path) -> Non
         worker.join(timeout=300)
         assert outcome["response"].status_code == 200, outcome["response"].text
         assert outcome["response"].json()["size"] == "192x192"
-        assert server.wait(timeout=60) == 0
+        # uvicorn re-raises the signal once it has shut down, as a service manager expects.
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:
         if server.poll() is None:
             server.kill()

@@ -54,12 +54,16 @@ async def edit_image(
 ) -> JSONResponse:
     services: Services = request.app.state.services
     settings = services.settings
-    form, image_field, extra = await _read_form(request, settings)
-    entry = _resolve_model(form.model, services)
-    # A catalog id, never the client's own string: metric labels must stay a bounded set.
-    request.state.model_label = entry.id if catalog.find(entry.id) is not None else "(gateway)"
-    source = await _load_image(image_field, settings)
-    job = _build_job(request.state.request_id, form, entry, source, extra)
+    try:
+        form, image_field, extra = await _read_form(request, settings)
+        entry = _resolve_model(form.model, services)
+        # A catalog id, never the client's own string: metric labels must stay a bounded set.
+        request.state.model_label = entry.id if catalog.find(entry.id) is not None else "(gateway)"
+        source = await _load_image(image_field, settings)
+        job = _build_job(request.state.request_id, form, entry, source, extra)
+    except ApiError:
+        services.progress.update(request.state.request_id, "failed")  # a watcher learns the request is over
+        raise
     headers = {"X-Loupe-Model": job.requested_model}
     if dry_run_flag:
         planned = await dry_run(job, services)
@@ -126,7 +130,8 @@ async def _read_form(request: Request, settings: Settings) -> tuple[EditForm, Up
     except ValidationError as error:
         first = error.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None
-        raise invalid(f"{param}: {first['msg']}" if param else first["msg"], param) from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise invalid(f"{param}: {message}" if param else message, param) from None
     return parsed, images[0], extra
 
 

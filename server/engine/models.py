@@ -1,0 +1,285 @@
+"""Models on a device: spandrel loading, the dtype policy, a per-device LRU cache, memory sizing, compilation.
+
+Memory and speed figures come from measurements (see /work/shared/reference/gpu-baseline.md and
+local-anchors.md): an estimate picks the tile size, and the executor's halve-on-OOM corrects it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import spandrel
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from server.engine.tiling import TilingSpec, window_side
+from server.engine.weights import MANIFEST, find_weights
+from server.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArchProfile:
+    """What the engine knows about an architecture before it loads one."""
+
+    activations: int  # peak activation elements per window pixel at batch 1 (measured, with allocator slack)
+    tiling: TilingSpec
+    supports_half: bool = True
+
+
+# ESRGAN: 13 KB per input pixel in fp32 on the CPU, 8.6 GiB for a 1024² frame in fp16 on an H100.
+# Its receptive field is wide: 48-px tiles of x4plus match a full frame at 48 dB with 32 px of
+# context, 40 dB with 24 and 37 dB with 16. Compact: under 1.4 KB per input pixel in fp32 on the
+# CPU, and 74 dB with 16 px of context.
+PROFILES: dict[str, ArchProfile] = {
+    "ESRGAN": ArchProfile(activations=4400, tiling=TilingSpec(context=32, blend=16)),
+    "Compact": ArchProfile(activations=400, tiling=TilingSpec(context=16, blend=8)),
+}
+UNKNOWN_PROFILE = ArchProfile(activations=8000, tiling=TilingSpec(context=16, blend=8), supports_half=False)
+
+# Convolution work per input pixel grows with the parameter count, so one rate per device kind
+# covers both families: x4plus (16.7 M params) 128² in 5.3 s and animevideov3 (0.6 M) 240×160 in
+# 0.39 s on 2 CPU threads; 1024² in 0.305 s and 0.019 s on an H100 (fp16, channels_last, eager).
+CPU_RATE_PER_THREAD = 2.6e10  # parameter·pixels per second
+CUDA_RATE = 4.0e13
+COMPILED_SPEEDUP = 1.5  # max-autotune over eager channels_last on the same H100
+
+MAX_TILE = {"cuda": 512, "cpu": 384}
+MAX_BATCH = {"cuda": 4, "cpu": 1}
+TILE_CHOICES = (512, 384, 256, 192, 128, 96, 64, 48, 32, 16)
+_HEADROOM = {"cuda": 0.7, "cpu": 0.4}  # of free memory that one batch may use
+
+
+@dataclass(frozen=True)
+class CompiledForward:
+    shape: tuple[int, ...]  # the one batch shape it was compiled for
+    fn: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LoadedModel:
+    """A network on a device, ready to run. Immutable once built, except `compiled`, set once when ready."""
+
+    weight_id: str
+    descriptor: spandrel.ImageModelDescriptor
+    device: torch.device
+    dtype: torch.dtype
+    scale: int  # what the weight delivers
+    network_scale: int  # what the network itself does; a smaller `scale` is a bicubic resize after it
+    profile: ArchProfile
+    spec: TilingSpec
+    params: int
+    nbytes: int
+    tile: int  # the core side chosen for this device at load time; fixed so that shapes stay fixed
+    batch: int  # windows per forward pass
+    compiled: CompiledForward | None = None
+
+    @property
+    def batch_shape(self) -> tuple[int, int, int, int]:
+        """The shape of a full batch of windows at the chosen tile: what gets compiled."""
+        side = window_side(self.tile, self.spec)
+        return self.batch, 3, side, side
+
+    @property
+    def channels_last(self) -> bool:
+        return self.device.type == "cuda"
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1], model dtype and device → (N, 3, H·scale, W·scale) in [0, 1]."""
+        compiled = self.compiled
+        if compiled is not None and tuple(batch.shape) == compiled.shape:
+            output = compiled.fn(batch)
+        else:
+            output = self.descriptor.model(batch)
+        if self.scale != self.network_scale:
+            height, width = batch.shape[-2:]
+            output = F.interpolate(output, size=(height * self.scale, width * self.scale), mode="bicubic",
+                                   align_corners=False)
+        return output.clamp_(0, 1)
+
+
+def pick_dtype(descriptor: spandrel.ModelDescriptor, device: torch.device) -> torch.dtype:
+    """fp16 on CUDA where the architecture takes it, else bf16 where it does, else fp32; fp32 on the CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    if descriptor.supports_half:
+        return torch.float16
+    if descriptor.supports_bfloat16 and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _fetch_hint(weight_id: str) -> str:
+    return f"`loupe weights pull {weight_id}` (or `loupe weights import-ncnn` without internet)"
+
+
+def load_model(weight_id: str, weights_dir: Path, device: torch.device) -> LoadedModel:
+    """Load a manifest weight onto `device`; a missing or broken file is a 503 that says how to fix it."""
+    weight = MANIFEST[weight_id]
+    path = find_weights(weight_id, weights_dir)
+    if path is None:
+        raise ApiError(503, f"the weights for {weight_id} are not in {weights_dir}: run {_fetch_hint(weight_id)}",
+                       param="model", code="WEIGHTS_MISSING", retryable=False)
+    try:
+        descriptor = spandrel.ModelLoader(device="cpu").load_from_file(path)
+    except Exception as error:  # a truncated or foreign file fails in many ways; each means the same
+        raise _corrupt(weight_id, path, str(error)) from error
+    found = (descriptor.architecture.id, descriptor.scale)
+    if found != (weight.architecture, weight.network_scale):
+        raise _corrupt(weight_id, path, f"it holds a {found[0]} x{found[1]} network, "
+                                        f"not {weight.architecture} x{weight.network_scale}")
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.input_channels != 3 \
+            or descriptor.output_channels != 3:
+        raise _corrupt(weight_id, path, "it is not an RGB image-to-image network")
+    dtype = pick_dtype(descriptor, device)
+    descriptor.to(device, dtype).eval()
+    if device.type == "cuda":
+        descriptor.model.to(memory_format=torch.channels_last)
+    profile = PROFILES.get(descriptor.architecture.id, UNKNOWN_PROFILE)
+    requirements = descriptor.size_requirements
+    spec = TilingSpec(profile.tiling.context, profile.tiling.blend,
+                      multiple_of=requirements.multiple_of, minimum=requirements.minimum)
+    params = sum(p.numel() for p in descriptor.model.parameters())
+    nbytes = sum(t.numel() * t.element_size() for t in (*descriptor.model.parameters(), *descriptor.model.buffers()))
+    tile, batch = choose_tiling(profile, spec, dtype, device, free_memory(device))
+    return LoadedModel(weight_id, descriptor, device, dtype, weight.scale, weight.network_scale, profile, spec,
+                       params, nbytes, tile, batch)
+
+
+def _corrupt(weight_id: str, path: Path, why: str) -> ApiError:
+    return ApiError(503, f"the weights file {path} for {weight_id} can't be used ({why}): fetch it again with "
+                         f"{_fetch_hint(weight_id)}", param="model", code="WEIGHTS_CORRUPT", retryable=False)
+
+
+def parameter_count(weight_id: str, weights_dir: Path) -> int | None:
+    """Parameters of a weight file without loading it (safetensors header; else its size at 4 bytes each)."""
+    path = find_weights(weight_id, weights_dir)
+    if path is None:
+        return None
+    if path.suffix != ".safetensors":
+        return path.stat().st_size // 4
+    with safe_open(str(path), framework="pt") as handle:
+        return sum(_numel(handle.get_slice(key).get_shape()) for key in handle.keys())
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for side in shape:
+        count *= side
+    return count
+
+
+class ModelCache:
+    """Loaded models of one device, least recently used first out once they exceed `budget` bytes."""
+
+    def __init__(self, device: torch.device, weights_dir: Path, budget: int,
+                 on_load: Callable[[LoadedModel], None] | None = None) -> None:
+        self.device = device
+        self.weights_dir = weights_dir
+        self.budget = budget
+        self._on_load = on_load
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, weight_id: str) -> LoadedModel:
+        with self._lock:
+            model = self._models.get(weight_id)
+            if model is not None:
+                self._models.move_to_end(weight_id)
+                return model
+            model = load_model(weight_id, self.weights_dir, self.device)
+            self._models[weight_id] = model
+            self._evict(keep=weight_id)
+        if self._on_load is not None:
+            self._on_load(model)
+        return model
+
+    def peek(self, weight_id: str) -> LoadedModel | None:
+        with self._lock:
+            return self._models.get(weight_id)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._models)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(m.nbytes for m in self._models.values())
+
+    def _evict(self, keep: str) -> None:
+        evicted = False
+        while sum(m.nbytes for m in self._models.values()) > self.budget and next(iter(self._models)) != keep:
+            weight_id, _ = self._models.popitem(last=False)
+            log.info("model cache on %s: unloaded %s to stay under %d bytes", self.device, weight_id, self.budget)
+            evicted = True
+        # A job still running on an evicted model keeps it alive until it ends; then its memory returns.
+        if evicted and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def cache_budget(device: torch.device, vram_budget: int | None) -> int:
+    """Bytes of weights a device's cache may hold: LOUPE_VRAM_BUDGET on a GPU, else a share of its memory."""
+    if device.type == "cuda":
+        if vram_budget is not None:
+            return vram_budget
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    return max(1 << 30, psutil.virtual_memory().total // 8)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes a batch could use now: free device memory plus what torch's allocator holds unused; RAM on a CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return psutil.virtual_memory().available
+
+
+def batch_bytes(profile: ArchProfile, dtype: torch.dtype, window: tuple[int, int], batch: int) -> int:
+    """Estimated peak bytes of one forward pass over `batch` windows."""
+    return profile.activations * dtype.itemsize * window[0] * window[1] * batch
+
+
+def choose_tiling(profile: ArchProfile, spec: TilingSpec, dtype: torch.dtype, device: torch.device,
+                  free: int) -> tuple[int, int]:
+    """The largest tile (and then batch) whose forward pass fits in a share of `free` bytes."""
+    usable = free * _HEADROOM[device.type]
+    tile = next((t for t in TILE_CHOICES if t <= MAX_TILE[device.type]
+                 and batch_bytes(profile, dtype, (window_side(t, spec),) * 2, 1) <= usable), TILE_CHOICES[-1])
+    per_tile = batch_bytes(profile, dtype, (window_side(tile, spec),) * 2, 1)
+    batch = int(max(1, min(MAX_BATCH[device.type], usable // per_tile)))
+    return tile, batch
+
+
+def seconds_for(params: int, window_pixels: int, device: torch.device, compiled: bool = False) -> float:
+    """A rough running time for `window_pixels` input pixels through a network of `params` parameters."""
+    if device.type == "cuda":
+        return params * window_pixels / (CUDA_RATE * (COMPILED_SPEEDUP if compiled else 1.0))
+    return params * window_pixels / (CPU_RATE_PER_THREAD * torch.get_num_threads())
+
+
+def compile_model(model: LoadedModel, cache_dir: Path) -> None:
+    """Compile `model` for its full batch shape and make that its fast path. Takes minutes: run in the background.
+
+    max-autotune without CUDA graphs: the graphs would be captured while a worker thread runs eager
+    kernels on the same device, and their outputs are overwritten by the next call.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Inductor reads this on each cache lookup: compiled kernels survive restarts.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+    fn = torch.compile(model.descriptor.model, mode="max-autotune-no-cudagraphs", dynamic=False)
+    shape = model.batch_shape
+    sample = torch.rand(shape, device=model.device).to(model.dtype)
+    if model.channels_last:
+        sample = sample.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        fn(sample)
+    model.compiled = CompiledForward(shape, fn)

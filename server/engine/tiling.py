@@ -1,0 +1,216 @@
+"""The tile planner: which input windows a model runs on, and how their outputs are blended.
+
+Pure arithmetic on sizes (numpy for the blend ramps, no torch), so every property is unit-testable.
+
+The image is cut into *cores*: a grid of equal-sized rectangles (sizes differ by at most one
+pixel: 1200 px with 1024-px tiles makes two 600-px cores, not 1024 + 176). Each tile reads a
+*window*: its core grown by `context` pixels on every side (pixels past the image border are
+read reflected, so border tiles see what a reflect-padded full frame sees). Every window of a
+plan has the same shape, which keeps batches and compiled kernels on fixed shapes.
+
+A tile pastes its core grown by `blend` pixels on each side that has a neighbour, weighted by a
+raised-sine ramp that crosses 0.5 on the core border. The outer `context - blend` pixels of every
+window, the ones that saw too little of the image, are never used. The executor divides the sum
+of weighted tiles by the sum of weights, so tiles of different sizes (after an out-of-memory
+re-plan) blend just as well as those of one grid.
+
+Plans are in processing order, row by row, and tell after each tile which output rows can no
+longer change (`flush_after`), so the executor keeps only a band of rows in float.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TilingSpec:
+    """How a model family wants to be tiled. A family with other needs (AuraSR's 64-px grid) brings its own."""
+
+    context: int = 16  # input pixels each window reads beyond its core, on every side
+    blend: int = 8  # input pixels on either side of a core border over which neighbours cross-fade
+    multiple_of: int = 1  # window sides must be a multiple of this (the model's size requirement)
+    minimum: int = 0  # window sides must be at least this
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.blend <= self.context:
+            raise ValueError(f"blend ({self.blend}) must lie between 0 and context ({self.context})")
+        if self.multiple_of < 1 or self.minimum < 0:
+            raise ValueError("multiple_of must be at least 1 and minimum at least 0")
+
+
+@dataclass(frozen=True)
+class Box:
+    """A rectangle [x0, x1) × [y0, y1) in pixels."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+    @property
+    def empty(self) -> bool:
+        return self.x1 <= self.x0 or self.y1 <= self.y0
+
+    def scaled(self, factor: int) -> Box:
+        return Box(self.x0 * factor, self.y0 * factor, self.x1 * factor, self.y1 * factor)
+
+
+@dataclass(frozen=True, eq=False)
+class Tile:
+    core: Box  # input pixels this tile answers for
+    window: Box  # input pixels it reads; may extend past the image (read reflected)
+    paste: Box  # output pixels it contributes to
+    weight_x: np.ndarray  # float32, paste.width: the blend weight of each output column
+    weight_y: np.ndarray  # float32, paste.height
+    region: int  # index into Plan.regions
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    size: tuple[int, int]  # image width, height
+    scale: int
+    tile: int  # the largest core side this plan was cut with
+    spec: TilingSpec
+    fixed_window: bool
+    regions: tuple[Box, ...]  # areas cut into grids of cores, in processing order
+    window: tuple[int, int]  # width, height shared by every window
+    tiles: tuple[Tile, ...]  # in processing order: region by region, row by row
+    flush_after: tuple[int, ...]  # output rows that are final once tiles[: i + 1] are done
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return self.size[0] * self.scale, self.size[1] * self.scale
+
+    @property
+    def first_open_row(self) -> int:
+        """Output rows above this get nothing from this plan."""
+        return min((t.paste.y0 for t in self.tiles), default=self.output_size[1])
+
+    @property
+    def window_pixels(self) -> int:
+        """Input pixels the model runs on, context included: what the work costs."""
+        return len(self.tiles) * self.window[0] * self.window[1]
+
+    def crop(self, tile: Tile) -> tuple[slice, slice]:
+        """(rows, columns) of the window's output that `tile` pastes."""
+        x0 = tile.paste.x0 - tile.window.x0 * self.scale
+        y0 = tile.paste.y0 - tile.window.y0 * self.scale
+        return slice(y0, y0 + tile.paste.height), slice(x0, x0 + tile.paste.width)
+
+
+def plan_tiles(
+    size: tuple[int, int], scale: int, tile: int, spec: TilingSpec = TilingSpec(), *, fixed_window: bool = False
+) -> Plan:
+    """Plan a whole image. `tile` is the largest core side; 0 means one full-frame tile.
+
+    `fixed_window` makes every window exactly `tile + 2 * context` (rounded to the size
+    requirement) even when the image is smaller, so a device always sees one shape.
+    """
+    width, height = size
+    if width < 1 or height < 1 or scale < 1 or tile < 0:
+        raise ValueError(f"can't plan {width}x{height} at x{scale} with {tile}-px tiles")
+    if tile == 0:
+        tile, fixed_window = max(width, height), False
+    return _plan_regions(size, scale, tile, spec, fixed_window, [Box(0, 0, width, height)])
+
+
+def plan_remaining(plan: Plan, failed: int, tile: int) -> Plan:
+    """Re-plan, with `tile`-px cores, what is left when `plan.tiles[failed]` could not run.
+
+    The tiles before it are done and stay as they are. The rest of its row is cut again, then
+    the rest of its region, then the regions after it; the new tiles blend into the done ones
+    along the shared borders.
+    """
+    if not 0 <= failed < len(plan.tiles) or tile < 1:
+        raise ValueError(f"no tile {failed} to resume from, or a bad tile size {tile}")
+    core, index = plan.tiles[failed].core, plan.tiles[failed].region
+    region = plan.regions[index]
+    regions = [
+        Box(core.x0, core.y0, region.x1, core.y1),
+        Box(region.x0, core.y1, region.x1, region.y1),
+        *plan.regions[index + 1 :],
+    ]
+    return _plan_regions(plan.size, plan.scale, tile, plan.spec, plan.fixed_window, regions)
+
+
+def split(length: int, tile: int) -> list[int]:
+    """Core borders along one side: ceil(length / tile) parts of equal size (±1), as offsets from 0 to length."""
+    count = max(1, math.ceil(length / tile))
+    return [length * i // count for i in range(count + 1)]
+
+
+def window_side(core: int, spec: TilingSpec) -> int:
+    """The window side that holds a `core`-px core with its context, rounded to the size requirement."""
+    side = max(core + 2 * spec.context, spec.minimum)
+    return -(-side // spec.multiple_of) * spec.multiple_of
+
+
+def _plan_regions(
+    size: tuple[int, int], scale: int, tile: int, spec: TilingSpec, fixed_window: bool, regions: list[Box]
+) -> Plan:
+    regions = [r for r in regions if not r.empty]
+    grids = [(split(r.width, tile), split(r.height, tile)) for r in regions]
+    if fixed_window:
+        window = (window_side(tile, spec),) * 2
+    else:
+        longest = [max(b - a for a, b in zip(cuts, cuts[1:])) for xs, ys in grids for cuts in (xs, ys)]
+        window = (window_side(max(longest[0::2], default=0), spec), window_side(max(longest[1::2], default=0), spec))
+    tiles: list[Tile] = []
+    for index, (region, (xs, ys)) in enumerate(zip(regions, grids)):
+        # One blend width per grid axis, so that neighbouring ramps mirror each other exactly.
+        half_x, half_y = (min(spec.blend, min(b - a for a, b in zip(cuts, cuts[1:])) // 2) for cuts in (xs, ys))
+        for top, bottom in zip(ys, ys[1:]):
+            y0, y1, weight_y = _axis(region.y0 + top, region.y0 + bottom, size[1], scale, half_y)
+            for left, right in zip(xs, xs[1:]):
+                x0, x1, weight_x = _axis(region.x0 + left, region.x0 + right, size[0], scale, half_x)
+                core = Box(region.x0 + left, region.y0 + top, region.x0 + right, region.y0 + bottom)
+                reads = Box(core.x0 - spec.context, core.y0 - spec.context,
+                            core.x0 - spec.context + window[0], core.y0 - spec.context + window[1])
+                tiles.append(Tile(core, reads, Box(x0, y0, x1, y1), weight_x, weight_y, index))
+    open_rows = _suffix_min([t.paste.y0 for t in tiles] + [size[1] * scale])
+    return Plan(size, scale, tile, spec, fixed_window, tuple(regions), window, tuple(tiles), tuple(open_rows[1:]))
+
+
+def _suffix_min(values: list[int]) -> list[int]:
+    result = values[:]
+    for i in range(len(result) - 2, -1, -1):
+        result[i] = min(result[i], result[i + 1])
+    return result
+
+
+def _axis(start: int, end: int, length: int, scale: int, half: int) -> tuple[int, int, np.ndarray]:
+    """Output span and weights of a core [start, end) along one axis of an image `length` long."""
+    lead = half if start > 0 else 0
+    trail = half if end < length else 0
+    weights = _weights((end - start) * scale, lead * scale, trail * scale)
+    return (start - lead) * scale, (end + trail) * scale, weights
+
+
+@lru_cache(maxsize=1024)
+def _weights(core: int, lead: int, trail: int) -> np.ndarray:
+    """1 over the core, with raised-sine ramps 2*lead wide across its start and 2*trail across its end."""
+    weights = np.ones(core + lead + trail, dtype=np.float32)
+    if lead:
+        weights[: 2 * lead] = _ramp(2 * lead)
+    if trail:
+        weights[len(weights) - 2 * trail :] = _ramp(2 * trail)[::-1]
+    weights.flags.writeable = False
+    return weights
+
+
+def _ramp(length: int) -> np.ndarray:
+    # sin² of pixel centres: a neighbour's mirrored ramp adds up to exactly 1, and no weight is 0.
+    t = (np.arange(length, dtype=np.float64) + 0.5) / length
+    return np.sin(t * (np.pi / 2)) ** 2

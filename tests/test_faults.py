@@ -1,0 +1,93 @@
+"""Faults stay inside the request they hit: broken weights, a broken result directory."""
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import loupe_settings
+from tests.servers import serve
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 16), (10, 200, 90)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _edit(url: str, model: str, **fields: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images/edits", data={"model": model, "scale_factor": "2", **fields},
+                      files={"image": ("a.png", _png())}, timeout=120)
+
+
+@pytest.fixture
+def broken_weights(weights_dir: Path, tmp_path: Path) -> Path:
+    """The animevideov3 weights intact, x4plus replaced by garbage, the anime model missing."""
+    directory = tmp_path / "weights"
+    directory.mkdir()
+    for path in weights_dir.glob("realesr-animevideov3-*"):
+        shutil.copy(path, directory / path.name)
+    (directory / "realesrgan-x4plus.safetensors").write_bytes(b"not a safetensors file" * 100)
+    return directory
+
+
+@pytest.fixture
+def server(broken_weights: Path, tmp_path: Path) -> Iterator[str]:
+    from server.app import create_app
+
+    with serve(create_app(loupe_settings(broken_weights, tmp_path / "data"))) as url:
+        yield url
+
+
+def test_corrupt_weights_fail_their_requests_only(server: str) -> None:
+    refused = _edit(server, "realesrgan-x4plus")
+    assert refused.status_code == 503
+    error = refused.json()["error"]
+    assert error["code"] == "WEIGHTS_CORRUPT"
+    assert "realesrgan-x4plus" in error["message"] and "loupe weights" in error["message"]
+    assert refused.headers["x-should-retry"] == "false"
+    assert _edit(server, "realesr-animevideov3").status_code == 200
+    assert _edit(server, "realesrgan-x4plus").status_code == 503  # still a clear answer, not a crash loop
+
+
+def test_missing_weights_are_named_with_the_command_that_fetches_them(server: str) -> None:
+    refused = _edit(server, "realesrgan-x4plus-anime")
+    assert refused.status_code == 503
+    assert "loupe weights" in refused.json()["error"]["message"]
+    cards = {card["id"]: card for card in httpx.get(f"{server}/v1/models").json()["data"]}
+    assert cards["realesrgan-x4plus-anime"]["runnable"] is False
+    assert cards["realesr-animevideov3"]["runnable"] is True
+
+
+def test_readiness_follows_the_weights(tmp_path: Path) -> None:
+    from server.app import create_app
+
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    with serve(create_app(loupe_settings(empty, tmp_path / "data"))) as url:
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        not_ready = httpx.get(f"{url}/readyz")
+        assert not_ready.status_code == 503
+        assert "realesrgan-x4plus" in not_ready.json()["models"]
+
+
+def test_unwritable_result_directory_fails_only_url_results(weights_dir: Path, tmp_path: Path) -> None:
+    from server.app import create_app
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    blocker = data_dir / "results"
+    blocker.write_text("a file where the results directory should be")  # root ignores permissions; this it can't
+    with serve(create_app(loupe_settings(weights_dir, data_dir))) as url:
+        failed = _edit(url, "realesr-animevideov3")
+        assert failed.status_code >= 500
+        assert failed.json()["error"]["code"] == "STORAGE_UNAVAILABLE"
+        assert str(data_dir) not in failed.text
+        assert _edit(url, "realesr-animevideov3", response_format="b64_json").status_code == 200
+        blocker.unlink()
+        assert _edit(url, "realesr-animevideov3").status_code == 200

@@ -83,6 +83,8 @@ class DeviceWorker:
     def close(self, timeout: float | None = None) -> None:
         """Cancel the queued jobs, let the running one end, stop; waits up to `timeout` s for the thread."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             thread = self._thread
             while True:
@@ -105,9 +107,13 @@ class DeviceWorker:
             self._running = 1
             started = time.monotonic()
             try:
-                job.future.set_result(job.work(self))
-            except BaseException as error:  # handed to whoever waits on the future
+                result, error = job.work(self), None
+            except BaseException as failure:  # handed to whoever waits on the future
+                result, error = None, failure
+            # Counted out before the waiter wakes, so that it never sees its own job still in the queue.
+            self._running = 0
+            self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - started)
+            if error is None:
+                job.future.set_result(result)
+            else:
                 job.future.set_exception(error)
-            finally:
-                self._running = 0
-                self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - started)

@@ -103,6 +103,7 @@ class _Run:
         self.out = np.empty((height * model.scale, width * model.scale, 3), dtype=pixels.dtype)
         self.band = _Band(self.out, self.maxval)
         self.cuda = model.device.type == "cuda"
+        self.ramps: dict[int, tuple[np.ndarray, torch.Tensor]] = {}
         self.done = 0
 
     def execute(self, plan: Plan, cancel: threading.Event | None, progress: Progress | None) -> np.ndarray:
@@ -160,9 +161,7 @@ class _Run:
         outputs = []
         for i, t in enumerate(group):
             rows, cols = plan.crop(t)
-            weight_y = torch.tensor(t.weight_y, device=result.device).view(-1, 1)
-            weight_x = torch.tensor(t.weight_x, device=result.device).view(1, -1)
-            weight = weight_y * weight_x
+            weight = self._on_device(t.weight_y).view(-1, 1) * self._on_device(t.weight_x).view(1, -1)
             weighted = torch.cat([result[i, :, rows, cols].float() * weight, weight[None]]).permute(1, 2, 0)
             outputs.append(self._download(weighted))
         ready = None
@@ -177,7 +176,19 @@ class _Run:
             host = host.pin_memory()
         batch = host.to(self.model.device, non_blocking=True).permute(0, 3, 1, 2)
         batch = (batch.float() / self.maxval).to(self.model.dtype)
-        return batch.contiguous(memory_format=torch.channels_last if self.model.channels_last else torch.contiguous_format)
+        layout = torch.channels_last if self.model.channels_last else torch.contiguous_format
+        return batch.contiguous(memory_format=layout)
+
+    def _on_device(self, weights: np.ndarray) -> torch.Tensor:
+        """A blend ramp on the device, uploaded once per run; a plan shares a few ramps among all its tiles."""
+        key = id(weights)
+        if key not in self.ramps:
+            host = torch.from_numpy(weights.copy())
+            if self.cuda:
+                host = host.pin_memory()  # a pageable upload would wait for the batch in flight
+            # The array is kept with its tensor, so its id can't be reused for another array meanwhile.
+            self.ramps[key] = (weights, host.to(self.model.device, non_blocking=True))
+        return self.ramps[key][1]
 
     def _download(self, tensor: torch.Tensor) -> torch.Tensor:
         if not self.cuda:

@@ -1,7 +1,7 @@
 """Models on a device: spandrel loading, the dtype policy, a per-device LRU cache, memory sizing, compilation.
 
-Memory and speed figures come from measurements (see /work/shared/reference/gpu-baseline.md and
-local-anchors.md): an estimate picks the tile size, and the executor's halve-on-OOM corrects it.
+Memory and speed figures are measured (an H100 with torch 2.11, and 2 CPU threads): an estimate
+picks the tile size, and the executor's halve-on-OOM corrects it when the estimate was wrong.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class CompiledForward:
     fn: Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedModel:
     """A network on a device, ready to run. Immutable once built, except `compiled`, set once when ready."""
 
@@ -273,8 +273,9 @@ def compile_model(model: LoadedModel, cache_dir: Path) -> None:
     kernels on the same device, and their outputs are overwritten by the next call.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
-    # Inductor reads this on each cache lookup: compiled kernels survive restarts.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+    # Inductor reads this at each cache lookup, so kernels and autotuning survive restarts. It is set
+    # outright: importing spandrel already made inductor fill in its default under /tmp.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
     fn = torch.compile(model.descriptor.model, mode="max-autotune-no-cudagraphs", dynamic=False)
     shape = model.batch_shape
     sample = torch.rand(shape, device=model.device).to(model.dtype)

@@ -83,6 +83,8 @@ class LocalEngine:
             for device in devices
         ]
         self.device_name = _describe(devices)
+        if devices[0].type == "cuda":
+            torch.backends.cudnn.benchmark = True  # tile shapes are fixed: each is tuned once
 
     async def start(self) -> None:
         """On CUDA with LOUPE_COMPILE on: load and compile, in the background, each local model whose weights are here.
@@ -91,7 +93,6 @@ class LocalEngine:
         """
         if not self._compiling or self._background_thread is not None:
             return
-        torch.backends.cudnn.benchmark = True
         self._background_thread = threading.Thread(target=self._background_loop, name="loupe-compile", daemon=True)
         self._background_thread.start()
         weight_ids = sorted({w for entry in MODELS if entry.local is not None and entry.local.family == "esrgan"
@@ -209,9 +210,8 @@ class LocalEngine:
 
         def run_rgb(pixels: np.ndarray, native_scale: int) -> np.ndarray:
             model = worker.cache.get(weights[native_scale])
-            tile = model.tile if self.settings.tile_size is None else self.settings.tile_size
-            return run_tiled(pixels, model, tile=tile, batch=model.batch, cancel=cancel, progress=tally.next_run(),
-                             counters=worker.counters)
+            return run_tiled(pixels, model, tile=self._tile(model), batch=model.batch, cancel=cancel,
+                             progress=tally.next_run(), counters=worker.counters)
 
         return upscale_picture(picture, target, entry.local.native_scales, run_rgb)
 
@@ -225,18 +225,22 @@ class LocalEngine:
         total = 0
         for native in passes:
             model = worker.cache.get(entry.local.weights[native])
-            tile = model.tile if self.settings.tile_size is None else self.settings.tile_size
-            plan = plan_tiles((width, height), native, tile, model.spec, fixed_window=worker.device.type == "cuda")
+            plan = plan_tiles((width, height), native, self._tile(model), model.spec,
+                              fixed_window=worker.device.type == "cuda")
             total += runs_per_pass * len(plan.tiles)
             width, height = width * native, height * native
         return total
+
+    def _tile(self, model: LoadedModel) -> int:
+        """LOUPE_TILE_SIZE when set (0: full frame), else what was chosen for the model's device at load."""
+        return model.tile if self.settings.tile_size is None else self.settings.tile_size
 
     def _sizing(self, worker: DeviceWorker, weight_id: str) -> _Sizing:
         """From the loaded model if there is one, else from its architecture's profile and its file's header."""
         override = self.settings.tile_size
         model = worker.cache.peek(weight_id)
         if model is not None:
-            tile = model.tile if override is None else override
+            tile = self._tile(model)
             return _Sizing(tile, model.batch if tile else 1, model.spec, model.profile, model.dtype, model.params,
                            model.nbytes, model.compiled is not None)
         profile = PROFILES.get(MANIFEST[weight_id].architecture, UNKNOWN_PROFILE)
@@ -249,7 +253,8 @@ class LocalEngine:
         return _Sizing(tile, batch, profile.tiling, profile, dtype, params, params * dtype.itemsize, False)
 
     def _queue_compile(self, model: LoadedModel) -> None:
-        self._background.put(functools.partial(self._compile, model))
+        if self._background_thread is not None:  # without start() (the CLI), everything stays eager
+            self._background.put(functools.partial(self._compile, model))
 
     def _compile(self, model: LoadedModel) -> None:
         if model.compiled is not None:

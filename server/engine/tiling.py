@@ -63,9 +63,6 @@ class Box:
     def empty(self) -> bool:
         return self.x1 <= self.x0 or self.y1 <= self.y0
 
-    def scaled(self, factor: int) -> Box:
-        return Box(self.x0 * factor, self.y0 * factor, self.x1 * factor, self.y1 * factor)
-
 
 @dataclass(frozen=True, eq=False)
 class Tile:

@@ -1,0 +1,325 @@
+"""Model loading, the model cache, tile sizing, device queues and the LocalEngine facade, on the CPU."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from server import catalog
+from server.config import Settings
+from server.engine.devices import DeviceWorker
+from server.engine.executor import Cancelled, run_tiled
+from server.engine.models import (
+    MAX_TILE,
+    PROFILES,
+    CompiledForward,
+    ModelCache,
+    choose_tiling,
+    compile_model,
+    load_model,
+    pick_dtype,
+)
+from server.engine.runtime import LocalEngine
+from server.engine.weights import MANIFEST
+from server.errors import ApiError
+from server.imaging import Picture
+from tests import photos
+from tests.tiny_models import tiny_model, tiny_network, write_tiny_weights
+
+CPU = torch.device("cpu")
+ANIME = catalog.find("realesr-animevideov3")
+X4PLUS = catalog.find("realesrgan-x4plus")
+assert ANIME is not None and X4PLUS is not None
+
+
+def engine_settings(weights_dir: Path, data_dir: Path, **overrides: object) -> Settings:
+    return Settings.model_validate({"weights_dir": weights_dir, "data_dir": data_dir, "device": "cpu",
+                                    "compile": False, **overrides})
+
+
+@pytest.fixture
+def tiny_weights(tmp_path: Path) -> Path:
+    return write_tiny_weights(tmp_path / "weights")
+
+
+# Loading
+
+
+def test_the_cpu_runs_fp32_and_cuda_prefers_fp16_where_the_architecture_takes_it(tiny_weights: Path) -> None:
+    model = load_model("realesr-animevideov3-x4", tiny_weights, CPU)
+    assert model.dtype == torch.float32 and next(model.descriptor.model.parameters()).dtype == torch.float32
+    assert not model.descriptor.model.training
+    assert pick_dtype(model.descriptor, torch.device("cuda")) == torch.float16
+
+
+def test_missing_weights_say_which_file_and_how_to_get_it(tmp_path: Path) -> None:
+    with pytest.raises(ApiError) as raised:
+        load_model("realesrgan-x4plus", tmp_path, CPU)
+    assert raised.value.status == 503 and raised.value.code == "WEIGHTS_MISSING"
+    assert "loupe weights pull realesrgan-x4plus" in raised.value.message
+    assert "loupe weights import-ncnn" in raised.value.message
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other architecture"])
+def test_a_corrupt_weight_file_is_a_clear_503(tiny_weights: Path, damage: str) -> None:
+    path = MANIFEST["realesr-animevideov3-x4"].converted_path(tiny_weights)
+    assert path is not None
+    if damage == "garbage":
+        path.write_bytes(b"\x00not a safetensors file" * 10)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        from safetensors.torch import save_file
+
+        save_file(tiny_network("realesrgan-x4plus").state_dict(), str(path))
+    with pytest.raises(ApiError) as raised:
+        load_model("realesr-animevideov3-x4", tiny_weights, CPU)
+    assert raised.value.status == 503 and raised.value.code == "WEIGHTS_CORRUPT"
+    assert str(path) in raised.value.message and "loupe weights pull realesr-animevideov3-x4" in raised.value.message
+
+
+# The model cache
+
+
+def test_the_cache_unloads_the_least_recently_used_model_beyond_its_budget(tiny_weights: Path) -> None:
+    sizes = {w: load_model(w, tiny_weights, CPU).nbytes
+             for w in ("realesr-animevideov3-x2", "realesr-animevideov3-x3", "realesrgan-x4plus")}
+    cache = ModelCache(CPU, tiny_weights, budget=sum(sizes.values()) - 1)  # room for any two, not for three
+    first = cache.get("realesr-animevideov3-x2")
+    cache.get("realesr-animevideov3-x3")
+    assert cache.get("realesr-animevideov3-x2") is first  # a hit, and now the most recently used
+    cache.get("realesrgan-x4plus")
+    assert cache.peek("realesr-animevideov3-x3") is None
+    assert cache.peek("realesr-animevideov3-x2") is first
+    assert len(cache) == 2 and cache.nbytes <= cache.budget
+
+
+def test_a_model_larger_than_the_budget_still_loads(tiny_weights: Path) -> None:
+    cache = ModelCache(CPU, tiny_weights, budget=1)
+    assert cache.get("realesrgan-x4plus").scale == 4 and len(cache) == 1
+
+
+@pytest.mark.slow
+def test_a_compiled_model_runs_its_batch_shape_and_gives_the_eager_image(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile-cache"))  # restored afterwards
+    model = dataclasses.replace(tiny_model(tmp_path / "weights"), tile=32, batch=2)
+    compile_model(model, tmp_path / "compile-cache")
+    assert model.compiled is not None and model.compiled.shape == (2, 3, 64, 64)
+    assert any((tmp_path / "compile-cache").iterdir())  # inductor's cache, kept for the next start
+    compiled, batches = model.compiled.fn, []
+
+    def counted(batch: torch.Tensor) -> torch.Tensor:
+        batches.append(batch.shape[0])
+        return compiled(batch)
+
+    model.compiled = CompiledForward(model.compiled.shape, counted)
+    photo = photos.coffee((96, 96))  # 3×3 tiles of 32 px: four full batches and one short one, padded
+    fast = run_tiled(photo, model, tile=32, batch=2)
+    assert batches == [2] * 5
+    eager = run_tiled(photo, dataclasses.replace(model, compiled=None), tile=32, batch=2)
+    assert np.abs(fast.astype(int) - eager).max() <= 1
+    batches.clear()
+    run_tiled(photo, model, tile=0)  # another shape: eager, never a compile on a request
+    assert batches == []
+
+
+# Tile sizing
+
+
+def test_less_free_memory_means_smaller_tiles() -> None:
+    profile = PROFILES["ESRGAN"]
+    tiles = [choose_tiling(profile, profile.tiling, torch.float16, torch.device("cuda"), free)
+             for free in (1 << 40, 8 << 30, 2 << 30, 512 << 20, 64 << 20, 1 << 20)]
+    assert tiles[0] == (MAX_TILE["cuda"], 4)
+    assert [t for t, _ in tiles] == sorted((t for t, _ in tiles), reverse=True)
+    assert tiles[-1] == (16, 1)
+    cpu_tile, cpu_batch = choose_tiling(profile, profile.tiling, torch.float32, CPU, 64 << 30)
+    assert cpu_tile == MAX_TILE["cpu"] and cpu_batch == 1
+
+
+# Device queues
+
+
+def test_a_full_queue_refuses_with_429_and_retry_after(tiny_weights: Path) -> None:
+    worker = DeviceWorker(CPU, ModelCache(CPU, tiny_weights, 1 << 30), queue_size=1)
+    release, started = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def blocking(_: DeviceWorker) -> str:
+        started.set()
+        release.wait(30)
+        return "first"
+
+    try:
+        running = worker.submit(blocking)
+        assert started.wait(10)
+        queued = worker.submit(lambda _: ran.append("queued"))
+        assert worker.full and worker.depth == 2
+        with pytest.raises(ApiError) as raised:
+            worker.submit(lambda _: ran.append("refused"))
+        assert raised.value.status == 429 and raised.value.code == "RATE_LIMITED"
+        assert int(raised.value.headers["Retry-After"]) >= 1
+        assert queued.cancel()  # cancelled while waiting: it never runs
+        release.set()
+        assert running.result(10) == "first"
+        assert worker.submit(lambda _: "after").result(10) == "after"
+        assert ran == []
+    finally:
+        release.set()
+        worker.close(10)
+
+
+# The engine
+
+
+@pytest.fixture
+def engine(tiny_weights: Path, tmp_path: Path) -> Iterator[LocalEngine]:
+    engine = LocalEngine(engine_settings(tiny_weights, tmp_path / "data", tile_size=32))
+    yield engine
+    asyncio.run(engine.close())
+
+
+def test_unavailable_models_say_why_and_what_to_run(tmp_path: Path, tiny_weights: Path) -> None:
+    empty = LocalEngine(engine_settings(tmp_path / "none", tmp_path / "data"))
+    reason = empty.unavailable_reason(X4PLUS)
+    assert reason is not None and "loupe weights pull realesrgan-x4plus" in reason
+    ready = LocalEngine(engine_settings(tiny_weights, tmp_path / "data"))
+    assert ready.unavailable_reason(X4PLUS) is None and ready.unavailable_reason(ANIME) is None
+    aura = catalog.find("aura-sr")
+    topaz = catalog.find("topaz-image-upscale")
+    assert aura is not None and topaz is not None
+    assert ready.unavailable_reason(aura) is not None and ready.unavailable_reason(topaz) is not None
+    assert ready.device_name == "CPU"
+
+
+def test_upscale_reports_progress_and_counts_tiles(engine: LocalEngine) -> None:
+    picture = Picture(photos.coffee((80, 48)).copy())
+    reports: list[tuple[int, int]] = []
+    result = asyncio.run(engine.upscale(ANIME, picture, (320, 192), progress=lambda d, t: reports.append((d, t))))
+    assert result.pixels.shape == (192, 320, 3) and result.pixels.dtype == np.uint8
+    assert reports[-1] == (6, 6) and [d for d, _ in reports] == sorted(d for d, _ in reports)
+    stats = engine.stats()
+    assert stats["tiles_processed"] == 6 and stats["queue_depth"] == 0 and stats["oom_retries"] == 0
+    assert stats["gpu_memory_bytes"] is None and stats["models_loaded"] == 1
+
+
+def test_a_picture_with_varying_alpha_reports_one_steady_total(engine: LocalEngine) -> None:
+    rgb = photos.coffee((64, 32))
+    alpha = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (32, 1))[..., None]
+    reports: list[tuple[int, int]] = []
+    result = engine.upscale_sync(ANIME, Picture(np.concatenate([rgb, alpha], axis=2)), (256, 128),
+                                 progress=lambda d, t: reports.append((d, t)))
+    assert result.pixels.shape == (128, 256, 4)
+    assert {total for _, total in reports} == {4}  # two runs (over black, over white) of two tiles
+    assert reports[-1] == (4, 4)
+
+
+def test_two_passes_chain_the_native_scales(engine: LocalEngine) -> None:
+    picture = Picture(photos.chelsea((30, 20)).copy())
+    result = engine.upscale_sync(ANIME, picture, (180, 120))
+    assert result.pixels.shape == (120, 180, 3)
+    plan = engine.plan(ANIME, (30, 20), (180, 120), channels=3)
+    assert [(p["scale"], p["weights"], p["input"]) for p in plan["passes"]] == [
+        (3, "realesr-animevideov3-x3", [30, 20]), (2, "realesr-animevideov3-x2", [90, 60])]
+
+
+def test_the_dry_run_plan(engine: LocalEngine, tiny_weights: Path, tmp_path: Path) -> None:
+    plan = engine.plan(X4PLUS, (100, 64), (400, 256), channels=4)
+    assert plan["device"] == "cpu" and plan["dtype"] == "float32"
+    assert plan["model_runs"] == 2  # varying alpha assumed: over black and over white
+    (step,) = plan["passes"]
+    assert step["tile"] == 32 and step["tiles"] == 4 * 2 and step["output"] == [400, 256]
+    assert plan["estimated_seconds"] > 0 and plan["estimated_peak_host_bytes"] > 400 * 256 * 3
+    assert plan["estimated_peak_device_bytes"] > 0
+    full_frame = LocalEngine(engine_settings(tiny_weights, tmp_path / "data", tile_size=0))
+    assert full_frame.plan(X4PLUS, (100, 64), (400, 256), channels=3)["passes"][0]["tiles"] == 1
+
+
+def test_cancelling_a_running_job_stops_it_between_tiles(engine: LocalEngine) -> None:
+    cancel = threading.Event()
+    reports: list[tuple[int, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        reports.append((done, total))
+        cancel.set()
+
+    with pytest.raises(Cancelled):
+        engine.upscale_sync(ANIME, Picture(photos.coffee((128, 128)).copy()), (512, 512), progress=progress,
+                            cancel=cancel)
+    assert reports == [(1, 16)]
+    assert engine.stats()["tiles_processed"] == 1
+
+
+def test_a_full_engine_is_overloaded_and_refuses(tiny_weights: Path, tmp_path: Path) -> None:
+    engine = LocalEngine(engine_settings(tiny_weights, tmp_path / "data", queue_size=1))
+    release, started = threading.Event(), threading.Event()
+
+    def blocking(_: DeviceWorker) -> None:
+        started.set()
+        release.wait(30)
+
+    try:
+        engine.workers[0].submit(blocking)
+        assert started.wait(10) and not engine.overloaded()
+        engine.workers[0].submit(lambda _: None)
+        assert engine.overloaded()
+        with pytest.raises(ApiError) as raised:
+            engine.upscale_sync(ANIME, Picture(photos.coffee((16, 16)).copy()), (64, 64))
+        assert raised.value.status == 429 and "Retry-After" in raised.value.headers
+    finally:
+        release.set()
+        asyncio.run(engine.close())
+
+
+def test_concurrent_requests_never_mix(engine: LocalEngine) -> None:
+    pictures = [Picture(photos.coffee((40, 40)).copy()), Picture(photos.chelsea((40, 40)).copy()),
+                Picture(photos.astronaut((40, 40)).copy())]
+    alone = [engine.upscale_sync(ANIME, p, (160, 160)).pixels for p in pictures]
+
+    async def together() -> list[Picture]:
+        return await asyncio.gather(*(engine.upscale(ANIME, p, (160, 160)) for p in pictures))
+
+    for result, expected in zip(asyncio.run(together()), alone):
+        assert np.array_equal(result.pixels, expected)
+
+
+def test_cancelling_the_awaiting_task_cancels_a_queued_job(engine: LocalEngine) -> None:
+    release, started = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def blocking(_: DeviceWorker) -> None:
+        started.set()
+        release.wait(30)
+
+    async def scenario() -> None:
+        engine.workers[0].submit(blocking)
+        assert await asyncio.to_thread(started.wait, 10)
+        task = asyncio.create_task(engine.upscale(ANIME, Picture(photos.coffee((16, 16)).copy()), (64, 64),
+                                                  progress=lambda d, t: ran.append("ran")))
+        await asyncio.sleep(0.05)
+        assert engine.stats()["queue_depth"] == 2
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        await engine.close()
+
+    asyncio.run(scenario())
+    assert ran == []
+
+
+def test_a_corrupt_weight_fails_the_request_with_a_503(tiny_weights: Path, tmp_path: Path) -> None:
+    path = MANIFEST["realesr-animevideov3-x4"].converted_path(tiny_weights)
+    assert path is not None
+    path.write_bytes(b"broken")
+    engine = LocalEngine(engine_settings(tiny_weights, tmp_path / "data"))
+    with pytest.raises(ApiError) as raised:
+        asyncio.run(engine.upscale(ANIME, Picture(photos.coffee((16, 16)).copy()), (64, 64)))
+    assert raised.value.status == 503 and raised.value.code == "WEIGHTS_CORRUPT"

@@ -16,7 +16,7 @@ from server.api.middleware import (
     AccessLogMiddleware,
     Admission,
     AdmissionMiddleware,
-    BodyLimitMiddleware,
+    RequestLimitsMiddleware,
     RequestIdMiddleware,
     install_error_handlers,
 )
@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     metrics = Metrics()
     app.state.admission = Admission()
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES)
+    app.add_middleware(RequestLimitsMiddleware, max_bytes=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES)
     app.add_middleware(AdmissionMiddleware, admission=app.state.admission)
     app.add_middleware(AccessLogMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)

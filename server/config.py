@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     tile_size: int | None = Field(default=None, ge=0)
     vram_budget: int | None = Field(default=None, ge=0, description="bytes the model cache may hold on a GPU")
     compile: bool = True
+    aura_overlap: bool = True  # AuraSR's second, half-tile-shifted pass: hides its tile grid at twice the work
     queue_size: int = Field(default=16, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0)
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 FINAL_STAGES = ("done", "failed")
 _KEEP_FINISHED_S = 120.0
 _IDLE_TIMEOUT_S = 600.0
+# A watcher may open the stream just before its request arrives; past this, the id is taken to be unknown.
+_FIRST_REPORT_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -72,11 +74,10 @@ class ProgressHub:
             yield channel.state
             if channel.state.stage in FINAL_STAGES:
                 return
+            timeout = _IDLE_TIMEOUT_S if seen else _FIRST_REPORT_TIMEOUT_S
             async with channel.changed:
                 try:
-                    await asyncio.wait_for(
-                        channel.changed.wait_for(lambda: channel.version != seen), timeout=_IDLE_TIMEOUT_S
-                    )
+                    await asyncio.wait_for(channel.changed.wait_for(lambda: channel.version != seen), timeout=timeout)
                 except TimeoutError:
                     if channel.version == seen:  # nothing ever reported: don't keep the channel
                         self._channels.pop(request_id, None)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from server import imaging
 from server.api.protocol import ImageData
+from server.errors import invalid
 from server.imaging import Picture
 from server.jobs import Job
 from server.storage import ResultStore
@@ -28,9 +29,15 @@ def _encode_picture(picture: Picture, job: Job) -> bytes:
 
 def _convert_remote(data: bytes, job: Job, max_pixels: int) -> tuple[bytes, tuple[int, int]]:
     info = imaging.probe(data)
-    same_format = imaging.default_output_format(info.format) == job.output_format
-    if same_format and job.output_compression is None:
+    native = imaging.default_output_format(info.format)
+    if native == job.output_format and job.output_compression is None:
         return data, (info.width, info.height)
+    if info.width * info.height > max_pixels:
+        raise invalid(
+            f"the provider made a {info.width}x{info.height} image, over the {max_pixels} pixels Loupe converts: "
+            f"ask for output_format={native} without output_compression to get it as it was made",
+            "output_format",
+        )
     picture = imaging.decode(data, max_pixels=max_pixels)
     return _encode_picture(picture, job), (picture.width, picture.height)
 
@@ -46,6 +53,7 @@ async def publish_pictures(pictures: list[Picture], job: Job, store: ResultStore
 
 
 async def publish_remote(images: list[bytes], job: Job, store: ResultStore, base_url: str, max_pixels: int) -> Published:
+    """Images over `max_pixels` are published only in the format the provider made them in."""
     converted = [await asyncio.to_thread(_convert_remote, data, job, max_pixels) for data in images]
     blobs = [data for data, _ in converted]
     return Published(await _deliver(blobs, job, store, base_url), converted[0][1])

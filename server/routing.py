@@ -29,10 +29,12 @@ def local_blocker(job: Job, settings: Settings, engine: LocalEngine) -> ApiError
     """Why this job can't run locally, or None if it can."""
     entry = job.entry
     if entry.local is None:
+        needed = [setting for setting, serves in (("LOUPE_FAL_KEY", entry.fal is not None),
+                                                  ("LOUPE_GATEWAY_URL", entry.gateway)) if serves]
         return ApiError(
             503,
-            f"{job.requested_model} runs only on a remote provider, and none is configured: "
-            "set LOUPE_FAL_KEY or LOUPE_GATEWAY_URL",
+            f"{job.requested_model} runs only on a remote provider, and none that serves it is configured: "
+            f"set {' or '.join(needed)}",
             param="model",
             code="PROVIDER_NOT_CONFIGURED",
             retryable=False,

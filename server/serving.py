@@ -109,9 +109,11 @@ async def _run_remote(job: Job, services: Services, route: Route, base_url: str)
     services.progress.update(job.request_id, "running", 0, job.n)
     result = await route.provider.upscale(job)
     services.progress.update(job.request_id, "encoding", job.n, job.n)
-    published = await publish_remote(
-        [image.data for image in result.images], job, services.store, base_url, services.settings.max_input_pixels
-    )
+    settings = services.settings
+    # Loupe converts pictures as large as it takes in or makes itself.
+    convertible = max(settings.max_input_pixels, settings.max_output_side**2)
+    published = await publish_remote([image.data for image in result.images], job, services.store, base_url,
+                                     convertible)
     metadata = Metadata(
         model=job.requested_model,
         executed_model=result.executed_model,

@@ -137,3 +137,13 @@ def test_good_request_still_succeeds_after_the_bad_ones(url: str) -> None:
     assert response.status_code == 200, response.text
     image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
     assert image.size == (64, 48)
+
+
+def test_oversized_urls_headers_and_forms_are_refused(url: str) -> None:
+    long_url = httpx.get(f"{url}/v1/models?pad=" + "a" * 20_000)
+    assert long_url.status_code == 414 and long_url.json()["error"]["code"] == "URI_TOO_LONG"
+    big_headers = httpx.get(f"{url}/v1/models", headers={"X-Pad": "a" * 40_000})
+    assert big_headers.status_code == 431 and big_headers.json()["error"]["code"] == "HEADERS_TOO_LARGE"
+    many_fields = httpx.post(f"{url}/v1/images/edits", data={f"field{i}": "1" for i in range(100)},
+                             files={"image": ("a.png", GOOD)})
+    assert many_fields.status_code == 400 and "fields" in many_fields.json()["error"]["message"]

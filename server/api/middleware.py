@@ -65,8 +65,12 @@ class BodyTooLarge(Exception):
     pass
 
 
-class BodyLimitMiddleware:
-    """Refuse request bodies over the cap while they stream in, before anything reads them whole."""
+MAX_URL_BYTES = 8 * 1024
+MAX_HEADER_BYTES = 32 * 1024
+
+
+class RequestLimitsMiddleware:
+    """Refuse over-long URLs and headers, and bodies over the cap while they stream in, before anything reads them."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -77,6 +81,10 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = scope.get("state", {}).get("request_id")
+        refusal = self._oversized_head(scope)
+        if refusal is not None:
+            await error_response(refusal, request_id)(scope, receive, send)
+            return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await error_response(self._too_large(), request_id)(scope, receive, send)
@@ -103,6 +111,15 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if not started:
                 await error_response(self._too_large(), request_id)(scope, receive, send)
+
+    @staticmethod
+    def _oversized_head(scope: Scope) -> ApiError | None:
+        if len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string", b"")) > MAX_URL_BYTES:
+            return ApiError(414, f"the URL is over {MAX_URL_BYTES} bytes", code="URI_TOO_LONG", retryable=False)
+        if sum(len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES:
+            return ApiError(431, f"the request headers are over {MAX_HEADER_BYTES} bytes", code="HEADERS_TOO_LARGE",
+                            retryable=False)
+        return None
 
     def _too_large(self) -> ApiError:
         return ApiError(413, f"the request body is over {self.max_bytes} bytes (LOUPE_MAX_UPLOAD_BYTES plus form overhead)",

@@ -7,11 +7,15 @@ final, and rows leave the band, quantized, as soon as no pending tile reaches th
 On CUDA the next batch is launched (pinned upload, forward, asynchronous download) before the
 previous one is blended on the host, so copies and blending overlap compute. When a batch runs
 out of memory, the executor frees the cache, halves the tile and re-plans what is left from the
-failed tile on: finished tiles are never run again.
+failed tile on: finished tiles are never run again. A grid plan (AuraSR) keeps its native tile
+and halves the batch instead.
+
+A model that samples noise (AuraSR) gets it drawn from the job's seed for each batch's windows.
 """
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from server.engine.aura import SeededNoise
 from server.engine.models import LoadedModel
-from server.engine.tiling import Box, Plan, Tile, plan_remaining, plan_tiles
+from server.engine.tiling import Box, Plan, Tile, TilingSpec, plan_remaining, plan_tiles
 from server.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -57,17 +62,24 @@ def run_tiled(
     progress: Progress | None = None,
     counters: Counters | None = None,
     forward: Forward | None = None,
+    spec: TilingSpec | None = None,
+    seed: int | None = None,
 ) -> np.ndarray:
     """Upscale H×W×3 uint8 or uint16 `pixels` by `model.scale`; the result has their dtype.
 
     `tile` is the largest core side (0: one full-frame pass). `forward` replaces the call of the
     model (by default the model itself). `progress` gets (tiles done, tiles in all) after each batch.
+    `spec` replaces the model's tiling spec. A model that samples noise draws it from `seed` (None:
+    a random one); other models ignore it.
     """
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"expected H×W×3 uint8 or uint16 pixels, got {pixels.shape} {pixels.dtype}")
     height, width = pixels.shape[:2]
-    plan = plan_tiles((width, height), model.scale, tile, model.spec, fixed_window=model.device.type == "cuda")
-    run = _Run(pixels, model, forward or model, max(1, batch), counters or Counters())
+    plan = plan_tiles((width, height), model.scale, tile, spec or model.spec, fixed_window=model.device.type == "cuda")
+    noise = None
+    if model.profile.stochastic:
+        noise = SeededNoise(secrets.randbits(63) if seed is None else seed, model.descriptor.model)
+    run = _Run(pixels, model, forward or model, max(1, batch), counters or Counters(), noise)
     return run.execute(plan, cancel, progress)
 
 
@@ -92,12 +104,14 @@ class _Launched:
 class _Run:
     """One job's state: nothing here is shared with other jobs."""
 
-    def __init__(self, pixels: np.ndarray, model: LoadedModel, forward: Forward, batch: int, counters: Counters):
+    def __init__(self, pixels: np.ndarray, model: LoadedModel, forward: Forward, batch: int, counters: Counters,
+                 noise: SeededNoise | None) -> None:
         self.pixels = pixels
         self.model = model
         self.forward = forward
         self.batch = batch
         self.counters = counters
+        self.noise = noise
         self.maxval = float(np.iinfo(pixels.dtype).max)
         height, width = pixels.shape[:2]
         self.out = np.empty((height * model.scale, width * model.scale, 3), dtype=pixels.dtype)
@@ -119,6 +133,9 @@ class _Run:
                     raise
                 # Without its traceback the error no longer pins the failed batch's tensors.
                 launched, failure = None, error.with_traceback(None)
+            if failure is not None and plan.spec.grid:
+                self._halve_batch(plan, failure)
+                continue
             if failure is not None:
                 resumed = self._shrink(plan, index, failure)
                 if pending is not None:
@@ -149,10 +166,25 @@ class _Run:
                     self.model.device, plan.tile, failed, tile)
         return plan_remaining(plan, failed, tile)
 
+    def _halve_batch(self, plan: Plan, error: RuntimeError) -> None:
+        """Out of memory on a grid plan: the tile is the model's own, so fewer windows go at a time."""
+        if self.batch == 1:
+            raise ApiError(503, f"{self.model.device} ran out of memory running {self.model.weight_id} even one "
+                                f"{plan.tile}-pixel tile at a time; retry later or on a larger device",
+                           code="DEVICE_OUT_OF_MEMORY") from error
+        self.counters.oom_retries += 1
+        if self.cuda:
+            torch.cuda.empty_cache()
+        log.warning("%s ran out of memory with batches of %d; going on with %d", self.model.device, self.batch,
+                    self.batch // 2)
+        self.batch //= 2
+
     @torch.inference_mode()
     def _launch(self, plan: Plan, index: int, group: tuple[Tile, ...]) -> _Launched:
         windows = np.stack([_read(self.pixels, t.window) for t in group])
         batch = self._upload(windows)
+        if self.noise is not None:
+            batch = self.noise.attach(batch, [t.window for t in group])
         compiled = self.model.compiled
         if compiled is not None and len(group) < compiled.shape[0] and tuple(batch.shape[1:]) == compiled.shape[1:]:
             # A short last batch padded to the compiled shape still beats an eager pass.

@@ -5,6 +5,7 @@ picks the tile size, and the executor's halve-on-OOM corrects it when the estima
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from server.engine.aura import SeededBatch
 from server.engine.tiling import TilingSpec, window_side
 from server.engine.weights import MANIFEST, find_weights
 from server.errors import ApiError
@@ -33,15 +35,26 @@ class ArchProfile:
     activations: int  # peak activation elements per window pixel at batch 1 (measured, with allocator slack)
     tiling: TilingSpec
     supports_half: bool = True
+    work: float = 1.0  # compute per parameter·pixel, relative to the convolution nets the rates below come from
+    max_batch: dict[str, int] | None = None  # windows per pass by device kind; None: MAX_BATCH
+    channels_last: bool = True  # on CUDA
+    stochastic: bool = False  # samples noise in its forward pass: seeded per request, never compiled
 
 
 # ESRGAN: 13 KB per input pixel in fp32 on the CPU, 8.6 GiB for a 1024² frame in fp16 on an H100.
 # Its receptive field is wide: 48-px tiles of x4plus match a full frame at 48 dB with 32 px of
 # context, 40 dB with 24 and 37 dB with 16. Compact: under 1.4 KB per input pixel in fp32 on the
 # CPU, and 74 dB with 16 px of context.
+# AuraSR (618 M parameters, fp32 only): about 320 MB per 64-px window on the CPU, 14 s per window on
+# 2 threads. It runs on its native 64-px grid, batched (its convolutions are grouped per window, so
+# a batch costs no more than its windows); batches on the CPU stay small, as cancellation and
+# progress wait for a whole batch. Its 5-D modulated conv weights have no channels_last layout.
 PROFILES: dict[str, ArchProfile] = {
     "ESRGAN": ArchProfile(activations=4400, tiling=TilingSpec(context=32, blend=16)),
     "Compact": ArchProfile(activations=400, tiling=TilingSpec(context=16, blend=8)),
+    "AuraSR": ArchProfile(activations=24000, tiling=TilingSpec(context=0, blend=0, grid=64, shifted_pass=True),
+                          supports_half=False, work=0.3, max_batch={"cuda": 16, "cpu": 4}, channels_last=False,
+                          stochastic=True),
 }
 UNKNOWN_PROFILE = ArchProfile(activations=8000, tiling=TilingSpec(context=16, blend=8), supports_half=False)
 
@@ -90,12 +103,14 @@ class LoadedModel:
 
     @property
     def channels_last(self) -> bool:
-        return self.device.type == "cuda"
+        return self.device.type == "cuda" and self.profile.channels_last
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1], model dtype and device → (N, 3, H·scale, W·scale) in [0, 1]."""
         compiled = self.compiled
-        if compiled is not None and tuple(batch.shape) == compiled.shape:
+        if isinstance(batch, SeededBatch):
+            output = self.descriptor.model(batch, noise=batch.style)  # AuraSR's style latent
+        elif compiled is not None and tuple(batch.shape) == compiled.shape:
             output = compiled.fn(batch)
         else:
             output = self.descriptor.model(batch)
@@ -117,8 +132,16 @@ def pick_dtype(descriptor: spandrel.ModelDescriptor, device: torch.device) -> to
     return torch.float32
 
 
-def _fetch_hint(weight_id: str) -> str:
-    return f"`loupe weights pull {weight_id}` (or `loupe weights import-ncnn` without internet)"
+def fetch_hint(weight_id: str, weights_dir: Path) -> str:
+    """The command that brings a manifest weight into `weights_dir`, and what to do without internet."""
+    return f"`loupe weights pull {weight_id}` (or {offline_hint(weight_id, weights_dir)})"
+
+
+def offline_hint(weight_id: str, weights_dir: Path) -> str:
+    weight = MANIFEST[weight_id]
+    if weight.ncnn_stem is not None:
+        return "`loupe weights import-ncnn` without internet"
+    return f"place any {weight.architecture} .safetensors file in {weight.official_path(weights_dir).parent}"
 
 
 def load_model(weight_id: str, weights_dir: Path, device: torch.device) -> LoadedModel:
@@ -126,27 +149,27 @@ def load_model(weight_id: str, weights_dir: Path, device: torch.device) -> Loade
     weight = MANIFEST[weight_id]
     path = find_weights(weight_id, weights_dir)
     if path is None:
-        raise ApiError(503, f"the weights for {weight_id} are not in {weights_dir}: run {_fetch_hint(weight_id)}",
-                       param="model", code="WEIGHTS_MISSING", retryable=False)
+        raise ApiError(503, f"the weights for {weight_id} are not in {weights_dir}: run "
+                            f"{fetch_hint(weight_id, weights_dir)}", param="model", code="WEIGHTS_MISSING",
+                       retryable=False)
     try:
         descriptor = spandrel.ModelLoader(device="cpu").load_from_file(path)
     except Exception as error:  # a truncated or foreign file fails in many ways; each means the same
-        raise _corrupt(weight_id, path, str(error)) from error
+        raise _corrupt(weight_id, weights_dir, path, str(error)) from error
     found = (descriptor.architecture.id, descriptor.scale)
     if found != (weight.architecture, weight.network_scale):
-        raise _corrupt(weight_id, path, f"it holds a {found[0]} x{found[1]} network, "
-                                        f"not {weight.architecture} x{weight.network_scale}")
+        raise _corrupt(weight_id, weights_dir, path, f"it holds a {found[0]} x{found[1]} network, "
+                                                     f"not {weight.architecture} x{weight.network_scale}")
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.input_channels != 3 \
             or descriptor.output_channels != 3:
-        raise _corrupt(weight_id, path, "it is not an RGB image-to-image network")
+        raise _corrupt(weight_id, weights_dir, path, "it is not an RGB image-to-image network")
     dtype = pick_dtype(descriptor, device)
     descriptor.to(device, dtype).eval()
-    if device.type == "cuda":
-        descriptor.model.to(memory_format=torch.channels_last)
     profile = PROFILES.get(descriptor.architecture.id, UNKNOWN_PROFILE)
+    if device.type == "cuda" and profile.channels_last:
+        descriptor.model.to(memory_format=torch.channels_last)
     requirements = descriptor.size_requirements
-    spec = TilingSpec(profile.tiling.context, profile.tiling.blend,
-                      multiple_of=requirements.multiple_of, minimum=requirements.minimum)
+    spec = dataclasses.replace(profile.tiling, multiple_of=requirements.multiple_of, minimum=requirements.minimum)
     params = sum(p.numel() for p in descriptor.model.parameters())
     nbytes = sum(t.numel() * t.element_size() for t in (*descriptor.model.parameters(), *descriptor.model.buffers()))
     tile, batch = choose_tiling(profile, spec, dtype, device, free_memory(device))
@@ -154,9 +177,10 @@ def load_model(weight_id: str, weights_dir: Path, device: torch.device) -> Loade
                        params, nbytes, tile, batch)
 
 
-def _corrupt(weight_id: str, path: Path, why: str) -> ApiError:
+def _corrupt(weight_id: str, weights_dir: Path, path: Path, why: str) -> ApiError:
     return ApiError(503, f"the weights file {path} for {weight_id} can't be used ({why}): fetch it again with "
-                         f"{_fetch_hint(weight_id)}", param="model", code="WEIGHTS_CORRUPT", retryable=False)
+                         f"{fetch_hint(weight_id, weights_dir)}", param="model", code="WEIGHTS_CORRUPT",
+                    retryable=False)
 
 
 def parameter_count(weight_id: str, weights_dir: Path) -> int | None:
@@ -250,20 +274,25 @@ def batch_bytes(profile: ArchProfile, dtype: torch.dtype, window: tuple[int, int
 
 def choose_tiling(profile: ArchProfile, spec: TilingSpec, dtype: torch.dtype, device: torch.device,
                   free: int) -> tuple[int, int]:
-    """The largest tile (and then batch) whose forward pass fits in a share of `free` bytes."""
+    """The largest tile (and then batch) whose forward pass fits in a share of `free` bytes; a grid's own tile."""
     usable = free * _HEADROOM[device.type]
-    tile = next((t for t in TILE_CHOICES if t <= MAX_TILE[device.type]
-                 and batch_bytes(profile, dtype, (window_side(t, spec),) * 2, 1) <= usable), TILE_CHOICES[-1])
+    if spec.grid:
+        tile = spec.grid
+    else:
+        tile = next((t for t in TILE_CHOICES if t <= MAX_TILE[device.type]
+                     and batch_bytes(profile, dtype, (window_side(t, spec),) * 2, 1) <= usable), TILE_CHOICES[-1])
     per_tile = batch_bytes(profile, dtype, (window_side(tile, spec),) * 2, 1)
-    batch = int(max(1, min(MAX_BATCH[device.type], usable // per_tile)))
+    most = (profile.max_batch or MAX_BATCH)[device.type]
+    batch = int(max(1, min(most, usable // per_tile)))
     return tile, batch
 
 
-def seconds_for(params: int, window_pixels: int, device: torch.device, compiled: bool = False) -> float:
+def seconds_for(params: int, window_pixels: int, device: torch.device, compiled: bool = False,
+                work: float = 1.0) -> float:
     """A rough running time for `window_pixels` input pixels through a network of `params` parameters."""
     if device.type == "cuda":
-        return params * window_pixels / (CUDA_RATE * (COMPILED_SPEEDUP if compiled else 1.0))
-    return params * window_pixels / (CPU_RATE_PER_THREAD * torch.get_num_threads())
+        return work * params * window_pixels / (CUDA_RATE * (COMPILED_SPEEDUP if compiled else 1.0))
+    return work * params * window_pixels / (CPU_RATE_PER_THREAD * torch.get_num_threads())
 
 
 def compile_model(model: LoadedModel, cache_dir: Path) -> None:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import queue
+import secrets
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -29,6 +31,7 @@ from server.engine.models import (
     choose_tiling,
     compile_model,
     free_memory,
+    offline_hint,
     parameter_count,
     seconds_for,
 )
@@ -109,13 +112,12 @@ class LocalEngine:
         """None when `entry` can run here now; else why not, and the command that fixes it."""
         if entry.local is None:
             return f"{entry.id} has no local weights"
-        if entry.local.family != "esrgan":
-            return f"{entry.id} ({entry.local.family}) can't run locally yet"
-        missing = [w for w in entry.local.weights.values() if find_weights(w, self.settings.weights_dir) is None]
+        weights_dir = self.settings.weights_dir
+        missing = [w for w in entry.local.weights.values() if find_weights(w, weights_dir) is None]
         if missing:
             pulls = " and ".join(f"`loupe weights pull {w}`" for w in missing)
-            return (f"the weights {', '.join(missing)} are not in {self.settings.weights_dir}: run {pulls} "
-                    "(or `loupe weights import-ncnn` without internet)")
+            offline = "; ".join(sorted({offline_hint(w, weights_dir) for w in missing}))
+            return f"the weights {', '.join(missing)} are not in {weights_dir}: run {pulls} (or {offline})"
         return None
 
     def overloaded(self) -> bool:
@@ -142,7 +144,8 @@ class LocalEngine:
             device_peak = max(device_peak, sizing.nbytes + batch_bytes(sizing.profile, sizing.dtype, plan.window,
                                                                         sizing.batch))
             host_peak = max(host_peak, _host_bytes(plan, sizing.batch))
-            seconds += runs_per_pass * seconds_for(sizing.params, plan.window_pixels, worker.device, sizing.compiled)
+            seconds += runs_per_pass * seconds_for(sizing.params, plan.window_pixels, worker.device, sizing.compiled,
+                                                   sizing.profile.work)
             steps.append({"scale": native, "weights": weight_id, "input": [width, height],
                           "output": [width * native, height * native], "tile": sizing.tile, "batch": sizing.batch,
                           "tiles": len(plan.tiles), "model_runs": runs_per_pass})
@@ -162,10 +165,10 @@ class LocalEngine:
                       progress: Progress | None = None, cancel: threading.Event | None = None) -> Picture:
         """Run on the least busy device. Cancelling the awaiting task cancels the job, queued or between tiles.
 
-        ESRGAN models are deterministic: `seed` matters only to families that sample noise.
+        ESRGAN models are deterministic: `seed` matters only to AuraSR, which samples noise (None: a random seed).
         """
         cancel = cancel or threading.Event()
-        future = self._submit(entry, picture, target, progress, cancel)
+        future = self._submit(entry, picture, target, seed, progress, cancel)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -176,7 +179,7 @@ class LocalEngine:
     def upscale_sync(self, entry: ModelEntry, picture: Picture, target: tuple[int, int], *, seed: int | None = None,
                      progress: Progress | None = None, cancel: threading.Event | None = None) -> Picture:
         """`upscale` for callers without an event loop (the CLI)."""
-        return self._submit(entry, picture, target, progress, cancel or threading.Event()).result()
+        return self._submit(entry, picture, target, seed, progress, cancel or threading.Event()).result()
 
     def stats(self) -> dict[str, float | int | None]:
         """Counters and gauges for /metrics."""
@@ -194,14 +197,16 @@ class LocalEngine:
     def _least_busy(self) -> DeviceWorker:
         return min(self.workers, key=lambda worker: worker.depth)
 
-    def _submit(self, entry: ModelEntry, picture: Picture, target: tuple[int, int], progress: Progress | None,
-                cancel: threading.Event) -> Future[Picture]:
+    def _submit(self, entry: ModelEntry, picture: Picture, target: tuple[int, int], seed: int | None,
+                progress: Progress | None, cancel: threading.Event) -> Future[Picture]:
         reason = self.unavailable_reason(entry)
         if reason is not None:
             raise ApiError(503, reason, param="model", code="MODEL_UNAVAILABLE", retryable=False)
-        return self._least_busy().submit(functools.partial(self._run, entry, picture, target, progress, cancel))
+        # One seed for every model run of the job: the runs over black and over white must draw the same noise.
+        seed = secrets.randbits(63) if seed is None else seed
+        return self._least_busy().submit(functools.partial(self._run, entry, picture, target, seed, progress, cancel))
 
-    def _run(self, entry: ModelEntry, picture: Picture, target: tuple[int, int], progress: Progress | None,
+    def _run(self, entry: ModelEntry, picture: Picture, target: tuple[int, int], seed: int, progress: Progress | None,
              cancel: threading.Event, worker: DeviceWorker) -> Picture:
         """One job, on `worker`'s thread."""
         assert entry.local is not None
@@ -211,7 +216,8 @@ class LocalEngine:
         def run_rgb(pixels: np.ndarray, native_scale: int) -> np.ndarray:
             model = worker.cache.get(weights[native_scale])
             return run_tiled(pixels, model, tile=self._tile(model), batch=model.batch, cancel=cancel,
-                             progress=tally.next_run(), counters=worker.counters)
+                             progress=tally.next_run(), counters=worker.counters, spec=self._spec(model.spec),
+                             seed=seed)
 
         return upscale_picture(picture, target, entry.local.native_scales, run_rgb)
 
@@ -225,15 +231,22 @@ class LocalEngine:
         total = 0
         for native in passes:
             model = worker.cache.get(entry.local.weights[native])
-            plan = plan_tiles((width, height), native, self._tile(model), model.spec,
+            plan = plan_tiles((width, height), native, self._tile(model), self._spec(model.spec),
                               fixed_window=worker.device.type == "cuda")
             total += runs_per_pass * len(plan.tiles)
             width, height = width * native, height * native
         return total
 
     def _tile(self, model: LoadedModel) -> int:
-        """LOUPE_TILE_SIZE when set (0: full frame), else what was chosen for the model's device at load."""
-        return model.tile if self.settings.tile_size is None else self.settings.tile_size
+        """LOUPE_TILE_SIZE when set (0: full frame), else what was chosen for the model's device at load.
+
+        A grid model (AuraSR) always runs its native tile.
+        """
+        return model.tile if self.settings.tile_size is None or model.spec.grid else self.settings.tile_size
+
+    def _spec(self, spec: TilingSpec) -> TilingSpec:
+        """The tiling as configured: LOUPE_AURA_OVERLAP turns a grid's shifted second pass on or off."""
+        return dataclasses.replace(spec, shifted_pass=self.settings.aura_overlap) if spec.grid else spec
 
     def _sizing(self, worker: DeviceWorker, weight_id: str) -> _Sizing:
         """From the loaded model if there is one, else from its architecture's profile and its file's header."""
@@ -241,19 +254,20 @@ class LocalEngine:
         model = worker.cache.peek(weight_id)
         if model is not None:
             tile = self._tile(model)
-            return _Sizing(tile, model.batch if tile else 1, model.spec, model.profile, model.dtype, model.params,
-                           model.nbytes, model.compiled is not None)
+            return _Sizing(tile, model.batch if tile else 1, self._spec(model.spec), model.profile, model.dtype,
+                           model.params, model.nbytes, model.compiled is not None)
         profile = PROFILES.get(MANIFEST[weight_id].architecture, UNKNOWN_PROFILE)
         device = worker.device
         dtype = torch.float16 if device.type == "cuda" and profile.supports_half else torch.float32
         tile, batch = choose_tiling(profile, profile.tiling, dtype, device, free_memory(device))
-        if override is not None:
+        if override is not None and not profile.tiling.grid:
             tile, batch = override, batch if override else 1
         params = parameter_count(weight_id, self.settings.weights_dir) or 0
-        return _Sizing(tile, batch, profile.tiling, profile, dtype, params, params * dtype.itemsize, False)
+        return _Sizing(tile, batch, self._spec(profile.tiling), profile, dtype, params, params * dtype.itemsize, False)
 
     def _queue_compile(self, model: LoadedModel) -> None:
-        if self._background_thread is not None:  # without start() (the CLI), everything stays eager
+        # Without start() (the CLI) everything stays eager; a compiled AuraSR would draw its own noise.
+        if self._background_thread is not None and not model.profile.stochastic:
             self._background.put(functools.partial(self._compile, model))
 
     def _compile(self, model: LoadedModel) -> None:

@@ -14,6 +14,11 @@ window, the ones that saw too little of the image, are never used. The executor 
 of weighted tiles by the sum of weights, so tiles of different sizes (after an out-of-memory
 re-plan) blend just as well as those of one grid.
 
+A *grid* spec (AuraSR) plans otherwise: every window is exactly the model's native tile, laid on
+a fixed grid from the top-left corner, without context. With `shifted_pass`, a second grid offset
+by half a tile runs too, and both blend with centre-weighted ramps: along each axis the two ramps
+add up to 1, so every output pixel leans on whichever window sees it farther from its border.
+
 Plans are in processing order, row by row, and tell after each tile which output rows can no
 longer change (`flush_after`), so the executor keeps only a band of rows in float.
 """
@@ -28,18 +33,23 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TilingSpec:
-    """How a model family wants to be tiled. A family with other needs (AuraSR's 64-px grid) brings its own."""
+    """How a model family wants to be tiled: cores grown by context (Real-ESRGAN), or a grid of native tiles (AuraSR)."""
 
     context: int = 16  # input pixels each window reads beyond its core, on every side
     blend: int = 8  # input pixels on either side of a core border over which neighbours cross-fade
     multiple_of: int = 1  # window sides must be a multiple of this (the model's size requirement)
     minimum: int = 0  # window sides must be at least this
+    grid: int = 0  # > 0: windows of exactly this side on a fixed grid; context, blend and the tile size are unused
+    shifted_pass: bool = False  # grid only: a second grid, offset by half a tile, blended in
 
     def __post_init__(self) -> None:
         if not 0 <= self.blend <= self.context:
             raise ValueError(f"blend ({self.blend}) must lie between 0 and context ({self.context})")
         if self.multiple_of < 1 or self.minimum < 0:
             raise ValueError("multiple_of must be at least 1 and minimum at least 0")
+        if self.grid and (self.grid % self.multiple_of or self.grid < self.minimum or self.grid % 2):
+            raise ValueError(f"a {self.grid}-px grid is odd or breaks the size requirement "
+                             f"(a multiple of {self.multiple_of}, at least {self.minimum})")
 
 
 @dataclass(frozen=True)
@@ -113,11 +123,14 @@ def plan_tiles(
     """Plan a whole image. `tile` is the largest core side; 0 means one full-frame tile.
 
     `fixed_window` makes every window exactly `tile + 2 * context` (rounded to the size
-    requirement) even when the image is smaller, so a device always sees one shape.
+    requirement) even when the image is smaller, so a device always sees one shape. A grid spec
+    ignores both: its windows are always its grid side.
     """
     width, height = size
     if width < 1 or height < 1 or scale < 1 or tile < 0:
         raise ValueError(f"can't plan {width}x{height} at x{scale} with {tile}-px tiles")
+    if spec.grid:
+        return _plan_grid(size, scale, spec)
     if tile == 0:
         tile, fixed_window = max(width, height), False
     return _plan_regions(size, scale, tile, spec, fixed_window, [Box(0, 0, width, height)])
@@ -132,6 +145,8 @@ def plan_remaining(plan: Plan, failed: int, tile: int) -> Plan:
     """
     if not 0 <= failed < len(plan.tiles) or tile < 1:
         raise ValueError(f"no tile {failed} to resume from, or a bad tile size {tile}")
+    if plan.spec.grid:
+        raise ValueError("a grid plan is never cut again: its windows are the model's native tile")
     core, index = plan.tiles[failed].core, plan.tiles[failed].region
     region = plan.regions[index]
     regions = [
@@ -178,6 +193,42 @@ def _plan_regions(
                 tiles.append(Tile(core, reads, Box(x0, y0, x1, y1), weight_x, weight_y, index))
     open_rows = _suffix_min([t.paste.y0 for t in tiles] + [size[1] * scale])
     return Plan(size, scale, tile, spec, fixed_window, tuple(regions), window, tuple(tiles), tuple(open_rows[1:]))
+
+
+def _plan_grid(size: tuple[int, int], scale: int, spec: TilingSpec) -> Plan:
+    width, height = size
+    side = spec.grid
+    offsets = (0, side // 2) if spec.shifted_pass else (0,)
+    corners = sorted({(y, x) for offset in offsets for y in range(-offset, height, side)
+                      for x in range(-offset, width, side)})
+    tiles: list[Tile] = []
+    for y, x in corners:
+        window = Box(x, y, x + side, y + side)
+        core = Box(max(x, 0), max(y, 0), min(x + side, width), min(y + side, height))
+        paste = Box(core.x0 * scale, core.y0 * scale, core.x1 * scale, core.y1 * scale)
+        weight_x, weight_y = (
+            _grid_weights(side * scale, (start - origin) * scale, (stop - origin) * scale, spec.shifted_pass)
+            for start, stop, origin in ((core.x0, core.x1, x), (core.y0, core.y1, y))
+        )
+        tiles.append(Tile(core, window, paste, weight_x, weight_y, 0))
+    open_rows = _suffix_min([t.paste.y0 for t in tiles] + [height * scale])
+    return Plan(size, scale, side, spec, True, (Box(0, 0, width, height),), (side, side), tuple(tiles),
+                tuple(open_rows[1:]))
+
+
+@lru_cache(maxsize=256)
+def _grid_weights(length: int, start: int, stop: int, centred: bool) -> np.ndarray:
+    """Weights [start, stop) of a grid window's output `length` long: flat, or sin² peaking at its centre.
+
+    Shifted by half a window the centred ramp turns into cos², so the two grids' ramps add up to 1.
+    """
+    if centred:
+        t = (np.arange(start, stop, dtype=np.float64) + 0.5) / length
+        weights = (np.sin(t * np.pi) ** 2).astype(np.float32)
+    else:
+        weights = np.ones(stop - start, dtype=np.float32)
+    weights.flags.writeable = False
+    return weights
 
 
 def _suffix_min(values: list[int]) -> list[int]:

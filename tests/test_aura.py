@@ -147,6 +147,13 @@ def test_the_shifted_grid_sits_half_a_tile_off_and_the_ramps_of_both_add_up_to_o
     assert inner.weight_x.argmax() in (127, 128) and inner.weight_x[0] < 1e-3 and inner.weight_x[-1] < 1e-3
 
 
+@pytest.mark.parametrize("size", [(1, 1), (17, 5), (65, 64)])
+def test_tiny_and_odd_sizes_run(aura: LoadedModel, size: tuple[int, int]) -> None:
+    width, height = size
+    result = run_tiled(photos.chelsea(size), aura, tile=64, batch=aura.batch, seed=1)
+    assert result.shape == (4 * height, 4 * width, 3) and result.dtype == np.uint8
+
+
 # Seeded noise
 
 

@@ -46,9 +46,9 @@ def test_sigterm_drains_in_flight_work(weights_dir: Path, tmp_path: Path) -> Non
 
         worker = threading.Thread(target=slow_request)
         worker.start()
-        with httpx.stream("GET", f"{url}/v1/progress/drain-test-0001", timeout=60) as events:
+        with httpx.stream("GET", f"{url}/v1/progress/drain-test-0001", timeout=120) as events:
             for line in events.iter_lines():
-                if '"running"' in line:
+                if '"queued"' in line or '"running"' in line:  # the request is in the server's hands
                     break
         server.send_signal(signal.SIGTERM)
         time.sleep(0.5)

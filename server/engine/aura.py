@@ -2,7 +2,8 @@
 
 spandrel's AuraSR samples twice per forward pass: its style latent (`torch.randn`, unless the
 latent comes in as the `noise` argument) and a slight jitter of its input (`torch.randn_like`).
-Both come from here. The latent is one per seed, shared by every window of the image; the jitter
+Both come from here. The latent is one per seed, shared by every window of the image (fal's package
+draws one per tile, so neighbouring tiles differ in texture and the grid shows more); the jitter
 is a function of the seed and of the image position, drawn in 64-px cells from generators seeded
 by (seed, cell), so overlapping windows see the same jitter where they overlap. Neither depends
 on the batch, the order the tiles run in, the device or other requests: the same seed and image

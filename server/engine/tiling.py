@@ -33,7 +33,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TilingSpec:
-    """How a model family wants to be tiled: cores grown by context (Real-ESRGAN), or a grid of native tiles (AuraSR)."""
+    """How a family wants tiling: cores grown by context (Real-ESRGAN), or a grid of native tiles (AuraSR)."""
 
     context: int = 16  # input pixels each window reads beyond its core, on every side
     blend: int = 8  # input pixels on either side of a core border over which neighbours cross-fade

@@ -45,6 +45,7 @@ class LoadReport:
     sent: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     statuses: Counter[int] = field(default_factory=Counter)
+    retried: int = 0
     rss_start_mb: float = 0.0
     rss_end_mb: float = 0.0
     seconds: float = 0.0
@@ -58,7 +59,8 @@ class LoadReport:
         return sum(count for status, count in self.statuses.items() if status >= 500)
 
 
-async def _one(client: httpx.AsyncClient, url: str, kind: str, index: int, report: LoadReport) -> None:
+async def _one(client: httpx.AsyncClient, url: str, kind: str, index: int, report: LoadReport,
+               retry_busy: bool) -> None:
     size = 24 + index % 3 * 8
     image = _png(size, size, index)
     fields = {"model": "realesr-animevideov3", "scale_factor": "2", "response_format": "b64_json"}
@@ -67,8 +69,13 @@ async def _one(client: httpx.AsyncClient, url: str, kind: str, index: int, repor
     timeout = httpx.Timeout(0.05 if kind == "cancel" else 120)
     report.sent += 1
     try:
-        response = await client.post(f"{url}/v1/images/edits", data=fields, files={"image": ("a.png", image)},
-                                     timeout=timeout)
+        while True:
+            response = await client.post(f"{url}/v1/images/edits", data=fields, files={"image": ("a.png", image)},
+                                         timeout=timeout)
+            if not (retry_busy and response.status_code == 429):
+                break
+            report.retried += 1  # a polite client: wait as told, then try again
+            await asyncio.sleep(min(float(response.headers.get("retry-after", "1")), 1.0))
     except httpx.TimeoutException:
         report.outcomes["cancelled" if kind == "cancel" else "lost"] += 1
         return
@@ -87,7 +94,7 @@ async def _one(client: httpx.AsyncClient, url: str, kind: str, index: int, repor
 
 
 async def run_load(url: str, *, clients: int, requests: int, seed: int = 0,
-                   kinds: tuple[str, ...] = KINDS) -> LoadReport:
+                   kinds: tuple[str, ...] = KINDS, retry_busy: bool = False) -> LoadReport:
     rng = random.Random(seed)
     report = LoadReport()
     work = [(rng.choice(kinds), i) for i in range(requests)]
@@ -99,7 +106,7 @@ async def run_load(url: str, *, clients: int, requests: int, seed: int = 0,
         async with httpx.AsyncClient() as client:
             while not queue.empty():
                 kind, index = queue.get_nowait()
-                await _one(client, url, kind, index, report)
+                await _one(client, url, kind, index, report, retry_busy)
 
     started = time.monotonic()
     await asyncio.gather(*(client_loop() for _ in range(clients)))
@@ -111,7 +118,8 @@ def _markdown(report: LoadReport, args: argparse.Namespace, rss_growth: float) -
     today = datetime.date.today().isoformat()
     return (
         "# Reliability: a bounded load run\n\n"
-        f"Command: `python -m scripts.loadrun --requests {args.requests} --clients {args.clients} --write {args.write}`  \n"
+        f"Command: `python -m scripts.loadrun --requests {args.requests} --clients {args.clients}"
+        f"{' --retry-busy' if args.retry_busy else ''} --write {args.write}`  \n"
         f"Date: {today}; device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
         "model realesr-animevideov3, 24–40 px inputs at 2x, queue size "
         f"{args.queue_size}.\n\n"
@@ -120,8 +128,8 @@ def _markdown(report: LoadReport, args: argparse.Namespace, rss_growth: float) -
         f"| {report.sent} | {report.outcomes['served']} | {report.outcomes['refused']} | {report.outcomes['cancelled']} "
         f"| {report.lost} | {report.server_errors} | {report.rss_start_mb:.0f} MB | {report.rss_end_mb:.0f} MB "
         f"| {rss_growth:+.1%} | {report.seconds:.0f} |\n\n"
-        f"Statuses: {dict(sorted(report.statuses.items()))}. RSS is the server process's, measured after a warm-up "
-        "of 20 requests and again at the end.\n"
+        f"Final statuses: {dict(sorted(report.statuses.items()))}; 429s waited out and retried: {report.retried}. "
+        "RSS is the server process's, measured after a warm-up of 20 requests and again at the end.\n"
     )
 
 
@@ -146,6 +154,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=24)
     parser.add_argument("--queue-size", type=int, default=8)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--retry-busy", action="store_true", help="clients wait and retry on 429, as the SDK does")
     parser.add_argument("--write", type=Path, help="write the figures as markdown here")
     args = parser.parse_args()
 
@@ -156,7 +165,8 @@ def main() -> None:
             asyncio.run(run_load(url, clients=4, requests=20, seed=1))
             process = psutil.Process(server.pid)
             rss_start = process.memory_info().rss / 2**20
-            report = asyncio.run(run_load(url, clients=args.clients, requests=args.requests))
+            report = asyncio.run(run_load(url, clients=args.clients, requests=args.requests,
+                                          retry_busy=args.retry_busy))
             report.rss_start_mb, report.rss_end_mb = rss_start, process.memory_info().rss / 2**20
             alive = httpx.get(f"{url}/healthz", timeout=5).status_code == 200
         finally:

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import ApiError
@@ -146,6 +147,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(error.status_code)
         return error_response(ApiError(error.status_code, str(error.detail), code=code), request_id(request))
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_gone(request: Request, error: ClientDisconnect) -> JSONResponse:
+        # Nobody reads this answer; it only keeps a vanished client out of the error log.
+        return error_response(ApiError(499, "the client closed the request", code="CLIENT_CLOSED", retryable=False),
+                              request_id(request))
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from server.config import PROJECT_ROOT, Settings
+from tests.fake_upstreams import FakeFal, FakeGateway
+from tests.servers import serve
 
 WEIGHTS_DIR = PROJECT_ROOT / "weights"
 REAL_WEIGHTS = ("realesrgan-x4plus", "realesr-animevideov3-x2", "realesr-animevideov3-x3", "realesr-animevideov3-x4")
@@ -43,10 +45,39 @@ def loupe_settings(weights_dir: Path, data_dir: Path, **overrides: object) -> Se
 
 
 @pytest.fixture(scope="module")
+def served_fal() -> Iterator[FakeFal]:
+    """A fake fal queue server on 127.0.0.1, shared by a test module."""
+    fake = FakeFal()
+    with serve(fake.app) as url:
+        fake.url = url
+        yield fake
+
+
+@pytest.fixture
+def fal(served_fal: FakeFal) -> FakeFal:
+    served_fal.reset()
+    return served_fal
+
+
+@pytest.fixture(scope="module")
+def served_gateway() -> Iterator[FakeGateway]:
+    """A fake OpenAI-compatible gateway on 127.0.0.1, shared by a test module."""
+    fake = FakeGateway()
+    with serve(fake.app) as url:
+        fake.url = url
+        yield fake
+
+
+@pytest.fixture
+def gateway(served_gateway: FakeGateway) -> FakeGateway:
+    served_gateway.reset()
+    return served_gateway
+
+
+@pytest.fixture(scope="module")
 def loupe_url(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Loupe server with the real weights, shared by a test module."""
     from server.app import create_app
-    from tests.servers import serve
 
     settings = loupe_settings(weights_dir, tmp_path_factory.mktemp("loupe-data"))
     with serve(create_app(settings)) as url:

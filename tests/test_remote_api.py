@@ -30,32 +30,10 @@ from tests.servers import free_port, serve
 SECRETS = (FAL_KEY, *FAL_KEY.split(":"), GATEWAY_KEY)
 
 
-@pytest.fixture(scope="module")
-def served_fal() -> Iterator[FakeFal]:
-    fake = FakeFal()
-    with serve(fake.app) as url:
-        fake.url = url
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def served_gateway() -> Iterator[FakeGateway]:
-    fake = FakeGateway()
-    with serve(fake.app) as url:
-        fake.url = url
-        yield fake
-
-
 @pytest.fixture
 def fal(served_fal: FakeFal) -> FakeFal:
     served_fal.reset()
     return served_fal
-
-
-@pytest.fixture
-def gateway(served_gateway: FakeGateway) -> FakeGateway:
-    served_gateway.reset()
-    return served_gateway
 
 
 @contextmanager

@@ -6,7 +6,6 @@ import base64
 import io
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -21,21 +20,7 @@ from server.remote import RemoteProviders, RemoteResult
 from server.remote.breaker import CircuitBreaker
 from server.remote.fal import FalProvider
 from tests.fake_upstreams import FAL_KEY, FakeFal, encoded, make_job, pattern
-from tests.servers import free_port, serve
-
-
-@pytest.fixture(scope="module")
-def served_fal() -> Iterator[FakeFal]:
-    fake = FakeFal()
-    with serve(fake.app) as url:
-        fake.url = url
-        yield fake
-
-
-@pytest.fixture
-def fal(served_fal: FakeFal) -> FakeFal:
-    served_fal.reset()
-    return served_fal
+from tests.servers import free_port
 
 
 def settings_for(fal_url: str, **overrides: Any) -> Settings:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,21 +15,7 @@ from server.errors import ApiError
 from server.jobs import Job
 from server.remote import RemoteProviders, RemoteResult
 from tests.fake_upstreams import FAL_KEY, GATEWAY_KEY, FakeGateway, encoded, make_job, pattern
-from tests.servers import free_port, serve
-
-
-@pytest.fixture(scope="module")
-def served_gateway() -> Iterator[FakeGateway]:
-    fake = FakeGateway()
-    with serve(fake.app) as url:
-        fake.url = url
-        yield fake
-
-
-@pytest.fixture
-def gateway(served_gateway: FakeGateway) -> FakeGateway:
-    served_gateway.reset()
-    return served_gateway
+from tests.servers import free_port
 
 
 def settings_for(gateway_url: str | None, **overrides: Any) -> Settings:

@@ -25,14 +25,6 @@ from tests.fake_upstreams import FAL_KEY, FakeFal, pattern
 from tests.servers import serve
 
 
-@pytest.fixture(scope="module")
-def served_fal() -> Iterator[FakeFal]:
-    fake = FakeFal()
-    with serve(fake.app) as url:
-        fake.url = url
-        yield fake
-
-
 @pytest.fixture
 def fal(served_fal: FakeFal) -> FakeFal:
     served_fal.reset(queued_polls=0, running_polls=0)

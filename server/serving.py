@@ -9,6 +9,7 @@ import asyncio
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from server import imaging
@@ -86,8 +87,9 @@ async def _run_local(job: Job, services: Services, cancel: threading.Event, base
         first_seed = job.seed if job.seed is not None else secrets.randbits(63)
         seeds = [first_seed + i for i in range(job.n)]
         pictures = [
-            await engine.upscale(job.entry, picture, job.target, seed=seed, progress=report, cancel=cancel)
-            for seed in seeds
+            await engine.upscale(job.entry, picture, job.target, seed=seed,
+                                 progress=_part_of(report, index, job.n), cancel=cancel)
+            for index, seed in enumerate(seeds)
         ]
     else:
         result = await engine.upscale(job.entry, picture, job.target, seed=job.seed, progress=report, cancel=cancel)
@@ -102,6 +104,11 @@ async def _run_local(job: Job, services: Services, cancel: threading.Event, base
         cost=0.0,
     )
     return published, metadata
+
+
+def _part_of(report: Callable[[int, int], None], index: int, count: int) -> Callable[[int, int], None]:
+    """Progress of the index-th of `count` equal runs, reported as progress of the whole."""
+    return lambda done, total: report(index * total + done, count * total)
 
 
 async def _run_remote(job: Job, services: Services, route: Route, base_url: str) -> tuple[Published, Metadata]:

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     # Remote providers
     fal_url: str = "https://queue.fal.run"
     fal_key: str | None = None
+    fal_storage_url: str = "https://rest.fal.ai"
+    fal_upload_threshold_bytes: int = Field(default=4 * 1024 * 1024, ge=0)  # larger input images go via fal storage
     gateway_url: str | None = None
     gateway_key: str | None = None
     fallback: Literal["never", "unavailable", "overload"] = "unavailable"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,3 +92,48 @@ def test_unwritable_result_directory_fails_only_url_results(weights_dir: Path, t
         assert _edit(url, "realesr-animevideov3", response_format="b64_json").status_code == 200
         blocker.unlink()
         assert _edit(url, "realesr-animevideov3").status_code == 200
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} metric")
+
+
+def _long_job(url: str, timeout: float) -> httpx.Response:
+    """animevideov3 on 800² in 32-px tiles: hundreds of quick tiles, tens of seconds in all on the CPU."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (800, 800), (10, 200, 90)).save(buffer, format="PNG")
+    return httpx.post(f"{url}/v1/images/edits", data={"model": "realesr-animevideov3", "scale_factor": "4"},
+                      files={"image": ("a.png", buffer.getvalue())}, timeout=timeout)
+
+
+def _assert_job_stopped(url: str) -> None:
+    time.sleep(1.0)  # the server notices within a poll and the job stops at its next batch of tiles
+    assert _metric(url, "loupe_queue_depth") == 0
+    settled = _metric(url, "loupe_tiles_processed_total")
+    time.sleep(1.0)
+    assert _metric(url, "loupe_tiles_processed_total") == settled
+    assert 0 < settled < 625  # it had started, and it did not run to the end
+
+
+def test_a_request_over_its_time_limit_is_cancelled_and_answered_504(weights_dir: Path, tmp_path: Path) -> None:
+    from server.app import create_app
+
+    with serve(create_app(loupe_settings(weights_dir, tmp_path, request_timeout_s=2.0, tile_size=32))) as url:
+        slow = _long_job(url, timeout=120)
+        assert slow.status_code == 504
+        assert slow.json()["error"]["code"] == "REQUEST_TIMEOUT"
+        assert slow.headers["x-should-retry"] == "false"
+        _assert_job_stopped(url)
+        assert _edit(url, "realesr-animevideov3").status_code == 200
+
+
+def test_a_client_that_hangs_up_stops_its_local_job(weights_dir: Path, tmp_path: Path) -> None:
+    from server.app import create_app
+
+    with serve(create_app(loupe_settings(weights_dir, tmp_path, tile_size=32))) as url:
+        with pytest.raises(httpx.TimeoutException):
+            _long_job(url, timeout=2.0)
+        _assert_job_stopped(url)

@@ -5,8 +5,10 @@
   app's `ranges`.
 - renamed: scale_factor becomes the app's `FalRoute.scale_field`; prompt, seed and common names the app
   spells differently go through `FalRoute.renamed` (prompt and seed only to apps listed there).
-- converted: the image file becomes a `data:` URI `image_url`, re-encoded for apps that take only some
-  formats; `size` is already job.scale, and a scale the app can't take is a 400 naming the allowed range.
+- converted: the image file becomes the app's `image_url`, re-encoded for apps that take only some formats:
+  a `data:` URI, or, when its bytes exceed LOUPE_FAL_UPLOAD_THRESHOLD_BYTES, the URL of a fal storage upload
+  (done by the provider, once for all n calls); `size` is already job.scale, and a scale the app can't take is
+  a 400 naming the allowed range.
 - emulated: n is n parallel calls (seed, seed+1, ...); response_format, output_format and
   output_compression are done by Loupe's result encoder, so none of them is sent.
 
@@ -119,10 +121,9 @@ def fal_params(job: Job, route: FalRoute) -> dict[str, object]:
     return params
 
 
-def fal_inputs(job: Job, route: FalRoute) -> list[dict[str, object]]:
-    """The JSON input of each of the job's n calls (CPU work: run it off the event loop)."""
-    params = fal_params(job, route)
-    params["image_url"] = image_data_uri(job.image, route.input_formats)
+def fal_inputs(job: Job, route: FalRoute, params: dict[str, object], image_url: str) -> list[dict[str, object]]:
+    """The JSON input of each of the job's n calls: the app's `params` (from fal_params) and the image."""
+    params = {**params, "image_url": image_url}
     seed_field = route.renamed.get("seed")
     if seed_field is None or job.seed is None:
         return [params] * job.n
@@ -130,10 +131,14 @@ def fal_inputs(job: Job, route: FalRoute) -> list[dict[str, object]]:
     return [{**params, seed_field: job.seed + i} for i in range(job.n)]
 
 
-def image_data_uri(image: SourceImage, accepted: tuple[str, ...]) -> str:
-    data, media_type = image.data, image.media_type
+def fal_image(image: SourceImage, accepted: tuple[str, ...]) -> tuple[bytes, str]:
+    """The image's bytes and media type as the app takes them (CPU work: run it off the event loop)."""
     if accepted and image.format not in accepted:
-        data, media_type = _reencode(data, accepted[0]), f"image/{accepted[0].lower()}"
+        return _reencode(image.data, accepted[0]), f"image/{accepted[0].lower()}"
+    return image.data, image.media_type
+
+
+def data_uri(data: bytes, media_type: str) -> str:
     return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 

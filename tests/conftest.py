@@ -46,10 +46,10 @@ def loupe_settings(weights_dir: Path, data_dir: Path, **overrides: object) -> Se
 
 @pytest.fixture(scope="module")
 def served_fal() -> Iterator[FakeFal]:
-    """A fake fal queue server on 127.0.0.1, shared by a test module."""
+    """A fake fal queue server and its signed-upload host on 127.0.0.1, shared by a test module."""
     fake = FakeFal()
-    with serve(fake.app) as url:
-        fake.url = url
+    with serve(fake.app) as url, serve(fake.storage.app) as storage_url:
+        fake.url, fake.storage.url = url, storage_url
         yield fake
 
 

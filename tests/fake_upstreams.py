@@ -2,10 +2,12 @@
 
 `FakeFal` speaks fal's queue protocol. Its status, result and cancel URLs live
 under `/queue-v9/{owner}/{alias}/...`, not under the app id, so a client that
-rebuilds them instead of following the submit's answer gets 404s. `FakeGateway`
-answers Loupe's own `POST /v1/images/edits`. Both upscale for real (nearest
-neighbour, by the scale they were sent), check the key, and record what they got.
-Tests change their behaviour through `reset(...)`.
+rebuilds them instead of following the submit's answer gets 404s. It also answers
+fal storage's upload initiate with a signed URL on `FakeFal.storage`, a second
+server standing in for the signed-URL host, where its apps then read the image.
+`FakeGateway` answers Loupe's own `POST /v1/images/edits`. Both upscale for real
+(nearest neighbour, by the scale they were sent), check the key, and record what
+they got. Tests change their behaviour through `reset(...)`.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import asyncio
 import base64
 import io
 import itertools
+import secrets
 import threading
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -91,6 +94,75 @@ _FAL_SCALE_FIELDS = ("upscale_factor", "scale", "scale_factor")
 
 
 @dataclass
+class StorageInitiate:
+    query: dict[str, str]
+    body: Any
+    authorization: str | None
+
+
+@dataclass
+class StorageUpload:
+    name: str
+    content_type: str | None
+    authorization: str | None
+    data: bytes
+
+
+class FakeSignedStorage:
+    """The host of fal storage's signed upload URLs: it takes the bytes with a PUT carrying the URL's signature
+    and serves them back as files. Like a real signed-URL host it refuses a PUT that also sends credentials."""
+
+    def __init__(self) -> None:
+        self.url = ""  # set once served
+        self.upload_error: int | None = None
+        self.uploads: list[StorageUpload] = []
+        self.files: dict[str, bytes] = {}
+        self._signatures: dict[str, str] = {}
+        self.app = self._build()
+
+    def reset(self, upload_error: int | None = None) -> None:
+        self.upload_error = upload_error
+        self.uploads = []
+        self.files = {}
+        self._signatures = {}
+
+    def sign(self, name: str) -> tuple[str, str]:
+        """A signed upload URL for `name`, and the URL the file is read from once uploaded."""
+        signature = secrets.token_hex(8)
+        self._signatures[name] = signature
+        return f"{self.url}/upload/{name}?signature={signature}", f"{self.url}/files/{name}"
+
+    def read(self, file_url: str) -> bytes:
+        assert file_url.startswith(f"{self.url}/files/"), file_url
+        return self.files[file_url.rpartition("/")[2]]
+
+    def _build(self) -> FastAPI:
+        app = FastAPI()
+        fake = self
+
+        @app.put("/upload/{name}")
+        async def upload(request: Request, name: str) -> JSONResponse:
+            received = StorageUpload(
+                name, request.headers.get("content-type"), request.headers.get("authorization"), await request.body()
+            )
+            fake.uploads.append(received)
+            if request.query_params.get("signature") != fake._signatures.get(name):
+                return JSONResponse({"detail": "signature does not match"}, status_code=403)
+            if received.authorization is not None:
+                return JSONResponse({"detail": "a signed URL takes no Authorization header"}, status_code=400)
+            if fake.upload_error is not None:
+                return JSONResponse({"detail": "storage is failing"}, status_code=fake.upload_error)
+            fake.files[name] = received.data
+            return JSONResponse({})
+
+        @app.get("/files/{name}")
+        async def files(name: str) -> Response:
+            return Response(fake.files[name], media_type="application/octet-stream")
+
+        return app
+
+
+@dataclass
 class FalBehaviour:
     queued_polls: int = 1  # IN_QUEUE answers before IN_PROGRESS
     running_polls: int = 1  # IN_PROGRESS answers before COMPLETED
@@ -98,6 +170,8 @@ class FalBehaviour:
     flaky_status_polls: int = 0  # the first status polls of each request answer 503
     submit_error: tuple[int, Any] | None = None
     result_error: tuple[int, Any] | None = None
+    initiate_error: tuple[int, Any] | None = None  # fal storage's upload initiate
+    upload_error: int | None = None  # the PUT to the signed upload URL
     output: Literal["image", "images", "url-strings", "data-uri"] = "image"
 
 
@@ -117,6 +191,8 @@ class FakeFal:
         self.behaviour = FalBehaviour()
         self.submits: list[FalRequest] = []
         self.files: dict[str, bytes] = {}
+        self.initiates: list[StorageInitiate] = []
+        self.storage = FakeSignedStorage()
         self.lock = threading.Lock()
         self._ids = itertools.count(1)
         self.app = self._build()
@@ -126,6 +202,8 @@ class FakeFal:
             self.behaviour = FalBehaviour(**behaviour)
             self.submits = []
             self.files = {}
+            self.initiates = []
+            self.storage.reset(self.behaviour.upload_error)
 
     @property
     def cancelled(self) -> list[str]:
@@ -137,7 +215,9 @@ class FakeFal:
     def _output(self, request: FalRequest, base: str) -> dict[str, Any]:
         # Each app has its own name for the scale; the ones without any upscale by 4.
         scale = next((request.input[key] for key in _FAL_SCALE_FIELDS if key in request.input), 4)
-        png = _upscaled_png(_from_data_uri(request.input["image_url"]), float(scale))
+        image_url = request.input["image_url"]
+        image = _from_data_uri(image_url) if image_url.startswith("data:") else self.storage.read(image_url)
+        png = _upscaled_png(image, float(scale))
         name = f"{request.id}.png"
         self.files[name] = png
         url = f"{base}/files/{name}"
@@ -204,6 +284,21 @@ class FakeFal:
         @app.get("/files/{name}")
         async def files(name: str) -> Response:
             return Response(fake.files[name], media_type="image/png")
+
+        @app.post("/storage/upload/initiate")
+        async def initiate(request: Request) -> JSONResponse:
+            body = await request.json()
+            with fake.lock:
+                fake.initiates.append(StorageInitiate(dict(request.query_params), body,
+                                                      request.headers.get("authorization")))
+                name = f"{len(fake.initiates)}-{body['file_name']}"
+            if (denied := unauthorized(request)) is not None:
+                return denied
+            if fake.behaviour.initiate_error is not None:
+                status_code, error = fake.behaviour.initiate_error
+                return JSONResponse(error, status_code=status_code)
+            upload_url, file_url = fake.storage.sign(name)
+            return JSONResponse({"upload_url": upload_url, "file_url": file_url})
 
         @app.post("/{app_id:path}")
         async def submit(request: Request, app_id: str) -> JSONResponse:

@@ -51,7 +51,8 @@ def remote_loupe(
 ) -> Iterator[str]:
     """Loupe with both providers configured."""
     with loupe(tmp_path_factory.mktemp("loupe"), fal_key=FAL_KEY, fal_url=served_fal.url,
-               gateway_url=f"{served_gateway.url}/v1", gateway_key=GATEWAY_KEY, remote_timeout_s=30) as url:
+               fal_storage_url=served_fal.url, gateway_url=f"{served_gateway.url}/v1", gateway_key=GATEWAY_KEY,
+               remote_timeout_s=30) as url:
         yield url
 
 
@@ -145,6 +146,25 @@ def test_fal_gets_its_key_and_the_request_in_the_apps_own_words(
     # Topaz names the scale upscale_factor; its catalog defaults go along.
     assert topaz.app_id == "fal-ai/topaz/upscale/image"
     assert topaz.input == {"image_url": uploaded, "upscale_factor": 1.5, "denoise": 0.25, "output_format": "png"}
+
+
+def test_a_large_image_reaches_fal_through_its_storage_once_for_all_n(
+    fal: FakeFal, picture_path: Path, tmp_path: Path
+) -> None:
+    picture = picture_path.read_bytes()
+    with loupe(tmp_path, fal_key=FAL_KEY, fal_url=fal.url, fal_storage_url=fal.url,
+               fal_upload_threshold_bytes=len(picture) // 2) as url:
+        result = edit(sdk(url), picture_path, scale=2, n=2).parse()
+        got, _ = image_at(result.data[1].url)
+
+    (initiate,) = fal.initiates
+    assert initiate.authorization == f"Key {FAL_KEY}"
+    assert initiate.body["content_type"] == "image/png"
+    (upload,) = fal.storage.uploads
+    assert (upload.data, upload.authorization) == (picture, None)
+    assert [submit.input["image_url"] for submit in fal.submits] == [f"{fal.storage.url}/files/{upload.name}"] * 2
+    assert all(submit.authorization == f"Key {FAL_KEY}" for submit in fal.submits)
+    assert got.convert("RGB").tobytes() == nearest(2).tobytes()
 
 
 def test_n_is_three_upstream_calls_and_is_billed_three_times(

@@ -24,9 +24,10 @@ from tests.servers import free_port
 
 
 def settings_for(fal_url: str, **overrides: Any) -> Settings:
-    return Settings.model_validate(
-        {"fal_key": FAL_KEY, "fal_url": fal_url, "gateway_url": None, "remote_timeout_s": 10, **overrides}
-    )
+    return Settings.model_validate({
+        "fal_key": FAL_KEY, "fal_url": fal_url, "fal_storage_url": fal_url, "gateway_url": None,
+        "remote_timeout_s": 10, **overrides,
+    })
 
 
 async def _upscale(settings: Settings, job: Job) -> RemoteResult:
@@ -146,6 +147,74 @@ def test_n_is_emulated_by_parallel_submits_with_distinct_seeds(fal: FakeFal) -> 
     assert sorted(request.input["seed"] for request in fal.submits) == [10, 11, 12]
     assert [pixels(image.data).size for image in result.images] == [(32, 24)] * 3
     assert result.cost == pytest.approx(3 * catalog.find("clarity-upscaler").price.cost(32 * 24))
+
+
+def test_a_large_image_goes_through_fal_storage_and_only_the_storage_api_sees_the_key(fal: FakeFal) -> None:
+    job = make_job("crystal-upscaler", scale=2, image=encoded(pattern(64, 48)))
+    result = upscale(settings_for(fal.url, fal_upload_threshold_bytes=len(job.image.data) - 1), job)
+
+    [initiate] = fal.initiates
+    assert initiate.authorization == f"Key {FAL_KEY}"
+    assert initiate.query == {"storage_type": "fal-cdn-v3"}
+    assert initiate.body == {"file_name": "req-test.png", "content_type": "image/png"}
+    [upload] = fal.storage.uploads
+    assert (upload.data, upload.content_type, upload.authorization) == (job.image.data, "image/png", None)
+    [submitted] = fal.submits
+    assert submitted.input["image_url"] == f"{fal.storage.url}/files/{upload.name}"
+    expected = pattern(64, 48).resize((128, 96), Image.Resampling.NEAREST)
+    assert pixels(result.images[0].data).tobytes() == expected.tobytes()
+
+
+def test_an_image_up_to_the_threshold_still_travels_as_a_data_uri(fal: FakeFal) -> None:
+    job = make_job("crystal-upscaler", scale=2, image=encoded(pattern(64, 48)))
+    upscale(settings_for(fal.url, fal_upload_threshold_bytes=len(job.image.data)), job)
+
+    assert fal.initiates == [] and fal.storage.uploads == []
+    assert fal.submits[0].input["image_url"] == "data:image/png;base64," + base64.b64encode(job.image.data).decode()
+
+
+def test_the_upload_is_what_the_app_takes_after_re_encoding(fal: FakeFal) -> None:
+    job = make_job("recraft-crisp-upscale", image=encoded(pattern(64, 48), "JPEG"))
+    upscale(settings_for(fal.url, fal_upload_threshold_bytes=0), job)
+
+    assert fal.initiates[0].body == {"file_name": "req-test.png", "content_type": "image/png"}
+    [upload] = fal.storage.uploads
+    assert upload.content_type == "image/png"
+    assert Image.open(io.BytesIO(upload.data)).format == "PNG"
+
+
+def test_n_calls_share_one_upload(fal: FakeFal) -> None:
+    job = make_job("clarity-upscaler", scale=2, n=3, seed=10)
+    result = upscale(settings_for(fal.url, fal_upload_threshold_bytes=0), job)
+
+    assert len(fal.initiates) == len(fal.storage.uploads) == 1
+    assert {request.input["image_url"] for request in fal.submits} == {f"{fal.storage.url}/files/1-req-test.png"}
+    assert len(result.images) == 3
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "status", "code", "words"),
+    [
+        ({"initiate_error": (500, {"detail": f"storage full; Authorization: Key {FAL_KEY}"})}, 502, "UPSTREAM_ERROR",
+         "storage full"),
+        ({"initiate_error": (413, {"detail": "file too large"})}, 502, "UPSTREAM_ERROR", "file too large"),
+        ({"initiate_error": (401, {"detail": f"bad key {FAL_KEY}"})}, 502, "UPSTREAM_AUTH", "LOUPE_FAL_KEY"),
+        ({"initiate_error": (504, {"detail": "Gateway Timeout"})}, 504, "UPSTREAM_TIMEOUT", "timed out"),
+        ({"upload_error": 503}, 502, "UPSTREAM_ERROR", "HTTP 503"),
+    ],
+)
+def test_a_failing_storage_is_a_502_or_504_without_the_key_and_nothing_is_submitted(
+    fal: FakeFal, caplog: pytest.LogCaptureFixture, behaviour: dict[str, Any], status: int, code: str, words: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    fal.reset(**behaviour)
+    error = upscale_error(settings_for(fal.url, fal_upload_threshold_bytes=0), make_job("crystal-upscaler", scale=2))
+
+    assert (error.status, error.code) == (status, code)
+    assert words in error.message
+    assert_no_key(error, caplog)
+    assert len(fal.initiates) == 1  # never retried blindly
+    assert fal.submits == []
 
 
 @pytest.mark.parametrize("output", ["image", "images", "url-strings", "data-uri"])

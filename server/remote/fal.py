@@ -5,6 +5,11 @@ while IN_QUEUE or IN_PROGRESS, 200 once COMPLETED); read `response_url`; fetch
 the images it names. A cancelled caller or a passed deadline sends `PUT
 cancel_url`. The submit is never retried, since it may already be queued and
 billed; status and result reads are, with backoff and jitter.
+
+An input image over LOUPE_FAL_UPLOAD_THRESHOLD_BYTES goes to fal storage first,
+once for all n calls: `POST {fal_storage_url}/storage/upload/initiate` with the
+key answers a signed `upload_url` and a `file_url`; the bytes are `PUT` to the
+upload URL, without the key, and the apps get the file URL.
 """
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -43,6 +49,7 @@ _POLL_GROWTH = 1.5
 _READ_ATTEMPTS = 5  # per status poll or result read, when fal answers with a transient failure
 _TRANSIENT_STATUSES = (429, 502, 503, 504)
 _CANCEL_TIMEOUT = httpx.Timeout(10.0)
+_STORAGE_TYPE = "fal-cdn-v3"
 
 
 def _jitter(seconds: float) -> float:
@@ -65,6 +72,8 @@ class FalProvider:
         if not settings.fal_key:
             raise ValueError("FalProvider needs LOUPE_FAL_KEY")
         self._base = settings.fal_url.rstrip("/")
+        self._storage = settings.fal_storage_url.rstrip("/")
+        self._upload_threshold = settings.fal_upload_threshold_bytes
         self._headers = {"Authorization": f"Key {settings.fal_key}"}
         self._timeout_s = settings.remote_timeout_s
         self._max_image_bytes = max_result_bytes(settings.max_output_side)
@@ -81,8 +90,11 @@ class FalProvider:
 
     async def upscale(self, job: Job) -> RemoteResult:
         route = self._route(job)
-        inputs = await asyncio.to_thread(normalize.fal_inputs, job, route)
-        images = await run_all(self._run(route, payload, job.request_id) for payload in inputs)
+        params = normalize.fal_params(job, route)  # the client's 400s, before anything is uploaded
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        image_url = await self._image_url(job, route, deadline)
+        inputs = normalize.fal_inputs(job, route, params, image_url)
+        images = await run_all(self._run(route, payload, job.request_id, deadline) for payload in inputs)
         return RemoteResult(images, self.name, self.display_name, f"fal/{route.app_id}", job_cost(job))
 
     async def dry_run(self, job: Job) -> dict[str, Any]:
@@ -99,12 +111,76 @@ class FalProvider:
             raise ApiError(400, f"{job.requested_model} can't run on fal.ai", param="model", retryable=False)
         return job.entry.fal
 
-    async def _run(self, route: FalRoute, payload: dict[str, object], request_id: str) -> RemoteImage:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout_s
+    async def _image_url(self, job: Job, route: FalRoute, deadline: float) -> str:
+        """The image as the app's `image_url`: a data: URI, or the URL of a fal storage upload when it is large."""
+        data, media_type = await asyncio.to_thread(normalize.fal_image, job.image, route.input_formats)
+        if len(data) <= self._upload_threshold:
+            return await asyncio.to_thread(normalize.data_uri, data, media_type)
+        file_name = f"{job.request_id}.{media_type.removeprefix('image/')}"
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         with self.breaker.call():
             try:
-                queued = await asyncio.wait_for(self._submit(route, payload), self._timeout_s)
+                file_url = await asyncio.wait_for(self._upload(data, media_type, file_name), remaining)
+            except asyncio.TimeoutError:
+                raise self._deadline_error() from None
+        log.info("uploaded %d bytes to fal storage for %s", len(data), job.request_id)
+        return file_url
+
+    async def _upload(self, data: bytes, media_type: str, file_name: str) -> str:
+        """Store the image with fal and return its file URL. Not retried: a failure is the client's to retry."""
+        try:
+            response = await self._http.post(
+                f"{self._storage}/storage/upload/initiate",
+                params={"storage_type": _STORAGE_TYPE},
+                json={"file_name": file_name, "content_type": media_type},
+                headers=self._headers,
+                timeout=HTTP_TIMEOUT,
+            )
+        except httpx.HTTPError as exc:
+            raise describe_upstream_failure(self._redact, "fal.ai storage", exc) from None
+        if response.status_code >= 400:
+            raise self._storage_error(response)
+        body = json_body(response)
+        upload_url = body.get("upload_url") if isinstance(body, dict) else None
+        file_url = body.get("file_url") if isinstance(body, dict) else None
+        if not (_is_web_url(upload_url) and _is_web_url(file_url)):
+            raise ApiError(502, "fal.ai storage answered without an upload_url and a file_url", code="UPSTREAM_ERROR")
+        # The upload URL is signed and on another host: it gets the bytes, never the key.
+        try:
+            uploaded = await self._http.put(
+                upload_url, content=data, headers={"Content-Type": media_type}, timeout=HTTP_TIMEOUT
+            )
+        except httpx.HTTPError as exc:
+            raise describe_upstream_failure(self._redact, "fal.ai storage", exc) from None
+        if uploaded.status_code >= 400:
+            log.warning("fal.ai storage refused the upload with HTTP %s", uploaded.status_code)
+            raise ApiError(502, f"uploading the image to fal.ai storage failed with HTTP {uploaded.status_code}",
+                           code="UPSTREAM_ERROR", retryable=_worth_retrying(uploaded.status_code))
+        return file_url
+
+    def _storage_error(self, response: httpx.Response) -> ApiError:
+        """fal storage refusing the image: never the client's doing, so a 502 (or 504), with fal's reason."""
+        status = response.status_code
+        body = json_body(response)
+        detail = body.get("detail") if isinstance(body, dict) else None
+        message = self._redact(detail if isinstance(detail, str) else response.text[:300].strip())
+        message = message or response.reason_phrase
+        log.warning("fal.ai storage answered HTTP %s: %s", status, message)
+        if status in (401, 403):
+            return ApiError(502, "fal.ai storage refused this server's credentials (LOUPE_FAL_KEY)",
+                            code="UPSTREAM_AUTH", retryable=False)
+        if status == 504:
+            return ApiError(504, f"fal.ai storage timed out: {message}")
+        return ApiError(502, f"fal.ai storage could not take the image: {message}", code="UPSTREAM_ERROR",
+                        retryable=_worth_retrying(status))
+
+    async def _run(
+        self, route: FalRoute, payload: dict[str, object], request_id: str, deadline: float
+    ) -> RemoteImage:
+        loop = asyncio.get_running_loop()
+        with self.breaker.call():
+            try:
+                queued = await asyncio.wait_for(self._submit(route, payload), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
                 raise self._deadline_error() from None
             log.info("fal request %s queued on %s for %s", queued.request_id, route.app_id, request_id)
@@ -235,6 +311,15 @@ class FalProvider:
             log.warning("cancelling fal request %s failed: %s", queued.request_id, self._redact(str(exc)))
             return
         log.info("fal request %s cancelled (HTTP %s)", queued.request_id, response.status_code)
+
+
+def _worth_retrying(status: int) -> bool:
+    """Whether storage may take the same upload later: it was busy or failing, not refusing this image."""
+    return status == 429 or status >= 500
+
+
+def _is_web_url(value: object) -> TypeGuard[str]:
+    return isinstance(value, str) and urlsplit(value).scheme in ("http", "https")
 
 
 def _field_of(loc: object) -> str | None:

@@ -36,12 +36,6 @@ class Services:
     progress: ProgressHub
 
 
-@dataclass(frozen=True)
-class Outcome:
-    response: ImagesResponse
-    route: Route
-
-
 def local_executed_model(job: Job) -> str:
     assert job.entry.local is not None
     weights = job.entry.local.weights
@@ -55,7 +49,7 @@ def _cost(job: Job, route: Route, size: tuple[int, int]) -> float:
     return round(job.entry.price.cost(size[0] * size[1]) * job.n, 6)
 
 
-async def run(job: Job, services: Services, cancel: threading.Event, base_url: str) -> Outcome:
+async def run(job: Job, services: Services, cancel: threading.Event, base_url: str) -> ImagesResponse:
     """Run the job and publish its images; `base_url` is where result URLs point."""
     route = choose_route(job, services.settings, services.engine, services.providers)
     progress = services.progress
@@ -69,13 +63,12 @@ async def run(job: Job, services: Services, cancel: threading.Event, base_url: s
         progress.update(job.request_id, "failed")
         raise
     progress.update(job.request_id, "done")
-    response = ImagesResponse(
+    return ImagesResponse(
         created=int(time.time()),
         size=f"{published.size[0]}x{published.size[1]}",
         data=published.items,
         metadata=metadata,
     )
-    return Outcome(response, route)
 
 
 async def _run_local(job: Job, services: Services, cancel: threading.Event, base_url: str) -> tuple[Published, Metadata]:

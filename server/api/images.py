@@ -71,10 +71,9 @@ async def edit_image(
         return JSONResponse(planned.model_dump(), headers=headers)
     base_url = (settings.public_url or str(request.base_url)).rstrip("/")
     cancel = threading.Event()
-    outcome = await _run_until_disconnect(request, run(job, services, cancel, base_url), cancel, settings)
-    request.state.provider = outcome.response.metadata.provider
-    headers["X-Loupe-Provider"] = outcome.response.metadata.provider
-    return JSONResponse(outcome.response.model_dump(exclude_none=True), headers=headers)
+    response = await _run_until_disconnect(request, run(job, services, cancel, base_url), cancel, settings)
+    request.state.provider = headers["X-Loupe-Provider"] = response.metadata.provider
+    return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
 
 
 async def _run_until_disconnect(request: Request, work: Any, cancel: threading.Event, settings: Settings) -> Any:

@@ -52,17 +52,12 @@ def _cost(job: Job, route: Route, size: tuple[int, int]) -> float:
 async def run(job: Job, services: Services, cancel: threading.Event, base_url: str) -> ImagesResponse:
     """Run the job and publish its images; `base_url` is where result URLs point."""
     route = choose_route(job, services.settings, services.engine, services.providers)
-    progress = services.progress
-    progress.update(job.request_id, "queued")
-    try:
-        if route.local:
-            published, metadata = await _run_local(job, services, cancel, base_url)
-        else:
-            published, metadata = await _run_remote(job, services, route, base_url)
-    except BaseException:
-        progress.update(job.request_id, "failed")
-        raise
-    progress.update(job.request_id, "done")
+    services.progress.update(job.request_id, "queued")
+    if route.local:
+        published, metadata = await _run_local(job, services, cancel, base_url)
+    else:
+        published, metadata = await _run_remote(job, services, route, base_url)
+    services.progress.update(job.request_id, "done")
     return ImagesResponse(
         created=int(time.time()),
         size=f"{published.size[0]}x{published.size[1]}",

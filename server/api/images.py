@@ -53,17 +53,22 @@ async def edit_image(
     request: Request, dry_run_flag: bool = Query(False, alias="dryRun", description="Check and plan without running")
 ) -> JSONResponse:
     services: Services = request.app.state.services
-    settings = services.settings
     try:
-        form, image_field, extra = await _read_form(request, settings)
-        entry = _resolve_model(form.model, services)
-        # A catalog id, never the client's own string: metric labels must stay a bounded set.
-        request.state.model_label = entry.id if catalog.find(entry.id) is not None else "(gateway)"
-        source = await _load_image(image_field, settings)
-        job = _build_job(request.state.request_id, form, entry, source, extra)
-    except ApiError:
-        services.progress.update(request.state.request_id, "failed")  # a watcher learns the request is over
+        return await _edit(request, services, dry_run_flag)
+    except BaseException:
+        # Whatever ended the request, before or during its run, a watcher of its progress learns it is over.
+        services.progress.update(request.state.request_id, "failed")
         raise
+
+
+async def _edit(request: Request, services: Services, dry_run_flag: bool) -> JSONResponse:
+    settings = services.settings
+    form, image_field, extra = await _read_form(request, settings)
+    entry = _resolve_model(form.model, services)
+    # A catalog id, never the client's own string: metric labels must stay a bounded set.
+    request.state.model_label = entry.id if catalog.find(entry.id) is not None else "(gateway)"
+    source = await _load_image(image_field, settings)
+    job = _build_job(request.state.request_id, form, entry, source, extra)
     headers = {"X-Loupe-Model": job.requested_model}
     if dry_run_flag:
         planned = await dry_run(job, services)

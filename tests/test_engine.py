@@ -20,12 +20,14 @@ from server.engine.models import (
     PROFILES,
     CompiledForward,
     ModelCache,
+    batch_bytes,
     choose_tiling,
     compile_model,
     load_model,
     pick_dtype,
 )
 from server.engine.runtime import LocalEngine
+from server.engine.tiling import window_side
 from server.engine.weights import MANIFEST
 from server.errors import ApiError
 from server.imaging import Picture
@@ -137,11 +139,18 @@ def test_less_free_memory_means_smaller_tiles() -> None:
     profile = PROFILES["ESRGAN"]
     tiles = [choose_tiling(profile, profile.tiling, torch.float16, torch.device("cuda"), free)
              for free in (1 << 40, 8 << 30, 2 << 30, 512 << 20, 64 << 20, 1 << 20)]
-    assert tiles[0] == (MAX_TILE["cuda"], 4)
+    assert tiles[0] == (MAX_TILE["cuda"], 1)  # one 576² window already saturates an H100
     assert [t for t, _ in tiles] == sorted((t for t, _ in tiles), reverse=True)
     assert tiles[-1] == (16, 1)
     cpu_tile, cpu_batch = choose_tiling(profile, profile.tiling, torch.float32, CPU, 64 << 30)
     assert cpu_tile == MAX_TILE["cpu"] and cpu_batch == 1
+
+
+def test_a_free_gpu_runs_x4plus_in_under_4_gib_and_batches_the_light_networks() -> None:
+    esrgan, compact = PROFILES["ESRGAN"], PROFILES["Compact"]
+    tile, batch = choose_tiling(esrgan, esrgan.tiling, torch.float16, torch.device("cuda"), 80 << 30)
+    assert batch_bytes(esrgan, torch.float16, (window_side(tile, esrgan.tiling),) * 2, batch) < 3 << 30
+    assert choose_tiling(compact, compact.tiling, torch.float16, torch.device("cuda"), 80 << 30) == (512, 4)
 
 
 # Device queues

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from server.engine import executor
 from server.engine.executor import Cancelled, Counters, run_tiled
 from server.engine.models import LoadedModel, load_model
 from server.engine.tiling import plan_remaining, plan_tiles
@@ -127,6 +128,40 @@ def test_out_of_memory_at_the_smallest_tile_gives_up_with_a_clear_error(anime: L
     assert "even with 20-pixel tiles" in raised.value.message
     assert isinstance(raised.value.__cause__, torch.OutOfMemoryError)
     assert forward.calls == 2  # 40 px, then 20 px; 10 px is below the minimum
+
+
+def test_out_of_memory_once_tiles_are_blending_is_a_clear_error_not_a_retry(anime: LoadedModel,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows may already be final for the current plan then: re-planning would blend tiles twice."""
+    reserve = executor._Band.reserve
+    calls: list[int] = []
+
+    def failing(band: executor._Band, until: int) -> None:
+        calls.append(until)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 300.00 MiB")
+        reserve(band, until)
+
+    monkeypatch.setattr(executor._Band, "reserve", failing)
+    forward = CountingForward(anime)
+    with pytest.raises(ApiError) as raised:
+        run_tiled(photos.coffee((96, 96)), anime, tile=32, forward=forward)
+    assert raised.value.status == 503 and raised.value.code == "DEVICE_OUT_OF_MEMORY"
+    assert "blending" in raised.value.message and forward.calls == 3
+
+
+def test_the_float_band_holds_about_one_row_of_tiles(anime: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows: list[int] = []
+    reserve = executor._Band.reserve
+
+    def watched(band: executor._Band, until: int) -> None:
+        reserve(band, until)
+        rows.append(len(band.rgb))
+
+    monkeypatch.setattr(executor._Band, "reserve", watched)
+    photo = photos.coffee((64, 256))  # 8 rows of 32-px tiles: 128 output rows each
+    assert run_tiled(photo, anime, tile=32).shape == (1024, 256, 3)
+    assert len(rows) == 16 and max(rows) < 2 * 128
 
 
 def test_other_errors_are_not_swallowed(anime: LoadedModel) -> None:

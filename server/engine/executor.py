@@ -2,13 +2,14 @@
 
 The input and the output stay on the host; only batches of tile windows travel to the device.
 The output is written in its final dtype: tiles add into a float32 band of the rows not yet
-final, and rows leave the band, quantized, as soon as no pending tile reaches them.
+final, kept on the device, and rows leave the band, quantized there, as soon as no pending tile
+reaches them. Only final 8- or 16-bit rows travel back, and the host does no per-pixel work.
 
-On CUDA the next batch is launched (pinned upload, forward, asynchronous download) before the
-previous one is blended on the host, so copies and blending overlap compute. When a batch runs
-out of memory, the executor frees the cache, halves the tile and re-plans what is left from the
-failed tile on: finished tiles are never run again. A grid plan (AuraSR) keeps its native tile
-and halves the batch instead.
+On CUDA each batch is launched (pinned upload, forward, blend into the band) before the host
+waits for the previous one, so the GPU always has the next batch queued. When a forward pass
+runs out of memory, the executor frees the cache, halves the tile and re-plans what is left
+from the failed tile on: finished tiles are never run again. A grid plan (AuraSR) keeps its
+native tile and halves the batch instead.
 
 A model that samples noise (AuraSR) gets it drawn from the job's seed for each batch's windows.
 """
@@ -92,13 +93,21 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 @dataclass
 class _Launched:
-    """A batch on its way: outputs are (rows, columns, RGB·weight + weight) float32 on the host once `ready`."""
+    """A batch on its way: blended into the band once `ready`."""
 
     plan: Plan
     last: int  # index of its last tile in `plan`
     tiles: tuple[Tile, ...]
-    outputs: list[torch.Tensor]
     ready: torch.cuda.Event | None
+
+
+@dataclass
+class _Outputs:
+    """A batch's forward pass done: what each of its tiles adds to the band, not added yet."""
+
+    tiles: tuple[Tile, ...]
+    crops: list[torch.Tensor]  # (3, rows, columns) in the model's dtype
+    weights: list[torch.Tensor]  # (rows, columns) float32
 
 
 class _Run:
@@ -115,7 +124,7 @@ class _Run:
         self.maxval = float(np.iinfo(pixels.dtype).max)
         height, width = pixels.shape[:2]
         self.out = np.empty((height * model.scale, width * model.scale, 3), dtype=pixels.dtype)
-        self.band = _Band(self.out, self.maxval)
+        self.band = _Band(self.out, self.maxval, model.device)
         self.cuda = model.device.type == "cuda"
         self.ramps: dict[int, tuple[np.ndarray, torch.Tensor]] = {}
         self.done = 0
@@ -127,12 +136,12 @@ class _Run:
                 raise Cancelled()
             group = plan.tiles[index : index + self.batch]
             try:
-                launched, failure = self._launch(plan, index, group), None
+                outputs, failure = self._run_forward(plan, group), None
             except RuntimeError as error:
                 if not is_out_of_memory(error):
                     raise
                 # Without its traceback the error no longer pins the failed batch's tensors.
-                launched, failure = None, error.with_traceback(None)
+                outputs, failure = None, error.with_traceback(None)
             if failure is not None and plan.spec.grid:
                 self._halve_batch(plan, failure)
                 continue
@@ -144,9 +153,12 @@ class _Run:
                     pending = None
                 plan, index = resumed, 0
                 continue
+            # The batch before lands only now, behind this one's forward pass, and leaves the band before
+            # this one enters it: the band holds one row of tiles, and the device always has work queued.
             if pending is not None:
                 self._land(pending, pending.plan.flush_after[pending.last], progress, len(plan.tiles) - index)
-            pending = launched
+            assert outputs is not None
+            pending = self._blend(plan, index, outputs)
             index += len(group)
         if pending is not None:
             self._land(pending, pending.plan.flush_after[pending.last], progress, 0)
@@ -180,7 +192,8 @@ class _Run:
         self.batch //= 2
 
     @torch.inference_mode()
-    def _launch(self, plan: Plan, index: int, group: tuple[Tile, ...]) -> _Launched:
+    def _run_forward(self, plan: Plan, group: tuple[Tile, ...]) -> _Outputs:
+        """The forward pass, before anything changes: an out-of-memory error here can be resumed."""
         windows = np.stack([_read(self.pixels, t.window) for t in group])
         batch = self._upload(windows)
         if self.noise is not None:
@@ -190,17 +203,30 @@ class _Run:
             # A short last batch padded to the compiled shape still beats an eager pass.
             batch = torch.cat([batch, batch[-1:].expand(compiled.shape[0] - len(group), -1, -1, -1)])
         result = self.forward(batch)
-        outputs = []
+        crops, weights = [], []
         for i, t in enumerate(group):
             rows, cols = plan.crop(t)
-            weight = self._on_device(t.weight_y).view(-1, 1) * self._on_device(t.weight_x).view(1, -1)
-            weighted = torch.cat([result[i, :, rows, cols].float() * weight, weight[None]]).permute(1, 2, 0)
-            outputs.append(self._download(weighted))
+            crops.append(result[i, :, rows, cols])
+            weights.append(self._on_device(t.weight_y).view(-1, 1) * self._on_device(t.weight_x).view(1, -1))
+        return _Outputs(group, crops, weights)
+
+    def _blend(self, plan: Plan, index: int, outputs: _Outputs) -> _Launched:
+        try:
+            self.band.reserve(max(t.paste.y1 for t in outputs.tiles))
+            self.band.add(outputs)
+        except RuntimeError as error:
+            if is_out_of_memory(error):  # rows before it were flushed for this plan: it can't be re-planned now
+                raise self._out_of_memory("blending its tiles") from error
+            raise
         ready = None
         if self.cuda:
             ready = torch.cuda.Event()
             ready.record()
-        return _Launched(plan, index + len(group) - 1, group, outputs, ready)
+        return _Launched(plan, index + len(outputs.tiles) - 1, outputs.tiles, ready)
+
+    def _out_of_memory(self, doing: str) -> ApiError:
+        return ApiError(503, f"{self.model.device} ran out of memory {doing} for {self.model.weight_id}; retry later "
+                             "or on a larger device", code="DEVICE_OUT_OF_MEMORY")
 
     def _upload(self, windows: np.ndarray) -> torch.Tensor:
         host = torch.from_numpy(windows)
@@ -222,19 +248,15 @@ class _Run:
             self.ramps[key] = (weights, host.to(self.model.device, non_blocking=True))
         return self.ramps[key][1]
 
-    def _download(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not self.cuda:
-            return tensor
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        host.copy_(tensor, non_blocking=True)
-        return host
-
     def _land(self, launched: _Launched, final_rows: int, progress: Progress | None, waiting: int) -> None:
         if launched.ready is not None:
             launched.ready.synchronize()
-        for t, output in zip(launched.tiles, launched.outputs):
-            self.band.add(t.paste, output.numpy())
-        self.band.flush(final_rows)
+        try:
+            self.band.flush(final_rows)
+        except RuntimeError as error:
+            if is_out_of_memory(error):
+                raise self._out_of_memory("writing out finished rows") from error
+            raise
         self.done += len(launched.tiles)
         self.counters.tiles += len(launched.tiles)
         if progress is not None:
@@ -242,39 +264,80 @@ class _Run:
 
 
 class _Band:
-    """Float32 sums (RGB·weight, weight) for the output rows that are not final yet."""
+    """Sums of weighted RGB and of weights, on the device, for the output rows that are not final yet.
 
-    def __init__(self, out: np.ndarray, maxval: float) -> None:
+    Output row `top` is buffer row `start`; `rows` rows from there are in use. Rows are zeroed as they
+    come into use, so flushing only moves `start` on, and rows move back to the front only when the
+    buffer's end is reached.
+    """
+
+    def __init__(self, out: np.ndarray, maxval: float, device: torch.device) -> None:
         self.out = out
         self.maxval = maxval
+        self.device = device
+        # 16-bit rows leave the device as int32: CUDA kernels for uint16 are few.
+        self.quantized = torch.uint8 if out.dtype == np.uint8 else torch.int32
         self.top = 0  # first row not yet written to `out`
-        self.sums = np.zeros((0, out.shape[1], 4), dtype=np.float32)
+        self.start = 0
+        self.rows = 0
+        self.rgb = torch.empty((0, out.shape[1], 3), device=device)
+        self.weight = torch.empty((0, out.shape[1], 1), device=device)
 
-    def add(self, box: Box, values: np.ndarray) -> None:
-        if box.y0 < self.top:
-            raise AssertionError(f"a tile reaches row {box.y0}, already final up to {self.top}")
-        needed = box.y1 - self.top
-        if needed > len(self.sums):
-            grown = np.zeros((needed, *self.sums.shape[1:]), dtype=np.float32)
-            grown[: len(self.sums)] = self.sums
-            self.sums = grown
-        self.sums[box.y0 - self.top : box.y1 - self.top, box.x0 : box.x1] += values
+    def reserve(self, until: int) -> None:
+        """Make room for rows up to `until` (exclusive)."""
+        if until <= self.top:
+            raise AssertionError(f"a tile reaches row {until - 1}, already final up to {self.top}")
+        needed = until - self.top
+        if needed <= self.rows:
+            return
+        capacity = len(self.rgb)
+        if self.start + needed > capacity:
+            kept = slice(self.start, self.start + self.rows)
+            if needed > capacity:  # grown by a quarter at least: the next tile row needs a little more
+                capacity = max(needed, capacity + capacity // 4)
+                rgb = torch.empty((capacity, *self.rgb.shape[1:]), device=self.device)
+                weight = torch.empty((capacity, *self.weight.shape[1:]), device=self.device)
+                rgb[: self.rows], weight[: self.rows] = self.rgb[kept], self.weight[kept]
+                self.rgb, self.weight = rgb, weight
+            else:
+                for buffer in (self.rgb, self.weight):
+                    rest = buffer[kept]
+                    buffer[: self.rows] = rest.clone() if self.rows > self.start else rest  # never onto itself
+            self.start = 0
+        fresh = slice(self.start + self.rows, self.start + needed)
+        self.rgb[fresh].zero_()
+        self.weight[fresh].zero_()
+        self.rows = needed
 
+    @torch.inference_mode()
+    def add(self, outputs: _Outputs) -> None:
+        for t, crop, weight in zip(outputs.tiles, outputs.crops, outputs.weights):
+            if t.paste.y0 < self.top:
+                raise AssertionError(f"a tile reaches row {t.paste.y0}, already final up to {self.top}")
+            offset = self.start - self.top
+            rows, cols = slice(t.paste.y0 + offset, t.paste.y1 + offset), slice(t.paste.x0, t.paste.x1)
+            self.rgb[rows, cols].addcmul_(crop.permute(1, 2, 0), weight[..., None])
+            self.weight[rows, cols] += weight[..., None]
+
+    @torch.inference_mode()
     def flush(self, until: int) -> None:
         """Quantize rows up to `until` (exclusive) into the output and drop them from the band."""
-        count = min(until - self.top, len(self.sums))
+        count = min(until - self.top, self.rows)
         if count <= 0:
             return
-        for start in range(0, count, _FLUSH_ROWS):
-            sums = self.sums[start : min(count, start + _FLUSH_ROWS)]
-            values = sums[..., :3] * (self.maxval / sums[..., 3:])
-            values += 0.5
-            np.clip(values, 0, self.maxval, out=values)
-            self.out[self.top + start : self.top + start + len(sums)] = values.astype(self.out.dtype)
-        kept = len(self.sums) - count
-        self.sums[:kept] = self.sums[count:]
-        self.sums[kept:] = 0
+        for first in range(0, count, _FLUSH_ROWS):
+            last = min(count, first + _FLUSH_ROWS)
+            rows = slice(self.start + first, self.start + last)
+            values = self.rgb[rows] * (self.maxval / self.weight[rows])
+            values = values.add_(0.5).clamp_(0, self.maxval).to(self.quantized)
+            target = self.out[self.top + first : self.top + last]
+            if self.quantized == torch.uint8:
+                torch.from_numpy(target).copy_(values)
+            else:
+                target[:] = values.cpu().numpy()
         self.top += count
+        self.start += count
+        self.rows -= count
 
 
 def _read(pixels: np.ndarray, box: Box) -> np.ndarray:

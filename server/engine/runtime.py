@@ -141,9 +141,11 @@ class LocalEngine:
             plan = plan_tiles((width, height), native, sizing.tile, sizing.spec,
                               fixed_window=worker.device.type == "cuda")
             dtypes.add(str(sizing.dtype).removeprefix("torch."))
+            band = _band_bytes(plan)
+            on_gpu = worker.device.type == "cuda"
             device_peak = max(device_peak, sizing.nbytes + batch_bytes(sizing.profile, sizing.dtype, plan.window,
-                                                                        sizing.batch))
-            host_peak = max(host_peak, _host_bytes(plan, sizing.batch))
+                                                                        sizing.batch) + (band if on_gpu else 0))
+            host_peak = max(host_peak, _image_bytes(plan) + (0 if on_gpu else band))
             seconds += runs_per_pass * seconds_for(sizing.params, plan.window_pixels, worker.device, sizing.compiled,
                                                    sizing.profile.work)
             steps.append({"scale": native, "weights": weight_id, "input": [width, height],
@@ -321,9 +323,12 @@ def _describe(devices: list[torch.device]) -> str:
     return f"{len(names)}× {names[0]}" if len(set(names)) == 1 else ", ".join(names)
 
 
-def _host_bytes(plan: Plan, batch: int) -> int:
-    """Input, output, the float band and two batches of float tiles: the host memory of one model run."""
+def _image_bytes(plan: Plan) -> int:
+    """The 8-bit input and output of one model run, on the host."""
     out_width, out_height = plan.output_size
-    tile_out = plan.scale * plan.window[0] * plan.scale * plan.window[1]
-    band_rows = plan.scale * plan.window[1]
-    return 3 * (plan.size[0] * plan.size[1] + out_width * out_height) + 16 * (band_rows * out_width + 2 * batch * tile_out)
+    return 3 * (plan.size[0] * plan.size[1] + out_width * out_height)
+
+
+def _band_bytes(plan: Plan) -> int:
+    """The executor's float band, on the model's device: about one row of tile outputs, 16 bytes a pixel."""
+    return 16 * plan.scale * plan.window[1] * plan.output_size[0]

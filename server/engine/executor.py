@@ -3,10 +3,10 @@
 The input and the output stay on the host; only batches of tile windows travel to the device.
 The output is written in its final dtype: tiles add into a float32 band of the rows not yet
 final, kept on the device, and rows leave the band, quantized there, as soon as no pending tile
-reaches them. Only final 8- or 16-bit rows travel back, and the host does no per-pixel work.
+reaches them. From a GPU only final 8- or 16-bit rows travel back.
 
-On CUDA each batch is launched (pinned upload, forward, blend into the band) before the host
-waits for the previous one, so the GPU always has the next batch queued. When a forward pass
+On CUDA each batch's forward pass is queued (pinned upload, forward) before the host waits for
+the previous batch and writes out its final rows, so the GPU always has work queued. When a forward pass
 runs out of memory, the executor frees the cache, halves the tile and re-plans what is left
 from the failed tile on: finished tiles are never run again. A grid plan (AuraSR) keeps its
 native tile and halves the batch instead.

@@ -15,10 +15,11 @@ A model that samples noise (AuraSR) gets it drawn from the job's seed for each b
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,9 +169,7 @@ class _Run:
     def _shrink(self, plan: Plan, failed: int, error: RuntimeError) -> Plan:
         tile = plan.tile // 2
         if tile < MIN_TILE:
-            raise ApiError(503, f"{self.model.device} ran out of memory running {self.model.weight_id} even with "
-                                f"{plan.tile}-pixel tiles; retry later or on a larger device",
-                           code="DEVICE_OUT_OF_MEMORY") from error
+            raise self._out_of_memory(f"even with {plan.tile}-pixel tiles") from error
         self.counters.oom_retries += 1
         if self.cuda:
             torch.cuda.empty_cache()
@@ -181,9 +180,7 @@ class _Run:
     def _halve_batch(self, plan: Plan, error: RuntimeError) -> None:
         """Out of memory on a grid plan: the tile is the model's own, so fewer windows go at a time."""
         if self.batch == 1:
-            raise ApiError(503, f"{self.model.device} ran out of memory running {self.model.weight_id} even one "
-                                f"{plan.tile}-pixel tile at a time; retry later or on a larger device",
-                           code="DEVICE_OUT_OF_MEMORY") from error
+            raise self._out_of_memory(f"even one {plan.tile}-pixel tile at a time") from error
         self.counters.oom_retries += 1
         if self.cuda:
             torch.cuda.empty_cache()
@@ -211,22 +208,29 @@ class _Run:
         return _Outputs(group, crops, weights)
 
     def _blend(self, plan: Plan, index: int, outputs: _Outputs) -> _Launched:
-        try:
+        # Rows before this batch were flushed for this plan: an out-of-memory error can't re-plan it now.
+        with self._fatal_out_of_memory("while blending its tiles"):
             self.band.reserve(max(t.paste.y1 for t in outputs.tiles))
             self.band.add(outputs)
-        except RuntimeError as error:
-            if is_out_of_memory(error):  # rows before it were flushed for this plan: it can't be re-planned now
-                raise self._out_of_memory("blending its tiles") from error
-            raise
         ready = None
         if self.cuda:
             ready = torch.cuda.Event()
             ready.record()
         return _Launched(plan, index + len(outputs.tiles) - 1, outputs.tiles, ready)
 
-    def _out_of_memory(self, doing: str) -> ApiError:
-        return ApiError(503, f"{self.model.device} ran out of memory {doing} for {self.model.weight_id}; retry later "
-                             "or on a larger device", code="DEVICE_OUT_OF_MEMORY")
+    def _out_of_memory(self, how: str) -> ApiError:
+        return ApiError(503, f"{self.model.device} ran out of memory running {self.model.weight_id} {how}; retry "
+                             "later or on a larger device", code="DEVICE_OUT_OF_MEMORY")
+
+    @contextlib.contextmanager
+    def _fatal_out_of_memory(self, how: str) -> Iterator[None]:
+        """Turns an out-of-memory error inside into the 503 it ends in; other errors pass unchanged."""
+        try:
+            yield
+        except RuntimeError as error:
+            if is_out_of_memory(error):
+                raise self._out_of_memory(how) from error
+            raise
 
     def _upload(self, windows: np.ndarray) -> torch.Tensor:
         host = torch.from_numpy(windows)
@@ -251,12 +255,8 @@ class _Run:
     def _land(self, launched: _Launched, final_rows: int, progress: Progress | None, waiting: int) -> None:
         if launched.ready is not None:
             launched.ready.synchronize()
-        try:
+        with self._fatal_out_of_memory("while writing out finished rows"):
             self.band.flush(final_rows)
-        except RuntimeError as error:
-            if is_out_of_memory(error):
-                raise self._out_of_memory("writing out finished rows") from error
-            raise
         self.done += len(launched.tiles)
         self.counters.tiles += len(launched.tiles)
         if progress is not None:
@@ -285,8 +285,6 @@ class _Band:
 
     def reserve(self, until: int) -> None:
         """Make room for rows up to `until` (exclusive)."""
-        if until <= self.top:
-            raise AssertionError(f"a tile reaches row {until - 1}, already final up to {self.top}")
         needed = until - self.top
         if needed <= self.rows:
             return

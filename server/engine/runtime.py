@@ -135,14 +135,13 @@ class LocalEngine:
         dtypes: set[str] = set()
         seconds, device_peak, host_peak = 0.0, 0, 0
         width, height = size
+        on_gpu = worker.device.type == "cuda"
         for native in passes:
             weight_id = entry.local.weights[native]
             sizing = self._sizing(worker, weight_id)
-            plan = plan_tiles((width, height), native, sizing.tile, sizing.spec,
-                              fixed_window=worker.device.type == "cuda")
+            plan = plan_tiles((width, height), native, sizing.tile, sizing.spec, fixed_window=on_gpu)
             dtypes.add(str(sizing.dtype).removeprefix("torch."))
             band = _band_bytes(plan)
-            on_gpu = worker.device.type == "cuda"
             device_peak = max(device_peak, sizing.nbytes + batch_bytes(sizing.profile, sizing.dtype, plan.window,
                                                                         sizing.batch) + (band if on_gpu else 0))
             host_peak = max(host_peak, _image_bytes(plan) + (0 if on_gpu else band))

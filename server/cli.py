@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from server.config import Settings
-from server.engine.weights import WeightsError
+from pydantic import ValidationError
+
+from server.config import Settings, SettingsError
+from server.engine.weights import WeightsError, WeightStatus
 from server.errors import ApiError
 
 _FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif", ".avif": "avif"}
@@ -14,7 +17,9 @@ _FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".g
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from server import serve
+    from server.engine.runtime import engine_devices
 
+    engine_devices(settings)  # a bad device or precision setting stops here, before the server starts
     serve.run(settings.model_copy(update={"host": args.host or settings.host, "port": args.port or settings.port}))
     return 0
 
@@ -38,15 +43,16 @@ def _upscale(args: argparse.Namespace, settings: Settings) -> int:
     picture = imaging.decode(args.input.read_bytes(), max_pixels=settings.max_input_pixels)
     target = (max(1, round(picture.width * args.scale)), max(1, round(picture.height * args.scale)))
     engine = LocalEngine(settings)
-    with tqdm(total=0, unit="tile", desc=f"{entry.id} {picture.width}x{picture.height} → {target[0]}x{target[1]}",
-              disable=args.quiet) as bar:
+    plan = engine.plan(entry, picture, target)
+    with tqdm(total=plan.tiles_per_image, unit="tile", disable=args.quiet,
+              desc=f"{entry.id} {picture.width}x{picture.height} → {target[0]}x{target[1]}") as bar:
 
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.n = done
             bar.refresh()
 
-        result = engine.upscale_sync(entry, picture, target, seed=args.seed, progress=progress)
+        result = engine.upscale_sync(plan, picture, seed=args.seed, progress=progress)
     output.write_bytes(imaging.encode(result, fmt, args.quality))
     if not args.quiet:
         print(f"wrote {output} ({result.width}x{result.height})")
@@ -68,8 +74,18 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
     else:
         # AuraSR (2.5 GB, no offline source) only comes when asked for by name: `loupe weights pull aura-sr`.
         rows = weights.ensure(directory, [w for w, spec in weights.MANIFEST.items() if spec.architecture != "AuraSR"])
-    print(weights.format_table(rows))
+    print(weights.format_table(_with_execution(rows, settings)))
     return 0
+
+
+def _with_execution(rows: list[WeightStatus], settings: Settings) -> list[WeightStatus]:
+    """Each weight's precision and layout on the first device the engine would use."""
+    from server.engine.models import execution_for
+    from server.engine.runtime import engine_devices
+
+    device = engine_devices(settings)[0]
+    return [dataclasses.replace(row, runs_as=f"{device.type} {execution.precision} {execution.layout}")
+            for row in rows for execution in [execution_for(row.id, device, settings.precision)]]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +124,16 @@ def main(argv: list[str] | None = None) -> int:
         print("loupe: --scale must be greater than 0", file=sys.stderr)
         return 2
     try:
-        return args.run(args, Settings())
+        settings = Settings()
+    except ValidationError as error:
+        for problem in error.errors():
+            print(f"loupe: LOUPE_{'_'.join(map(str, problem['loc'])).upper()}: {problem['msg']}", file=sys.stderr)
+        return 2
+    try:
+        return args.run(args, settings)
+    except SettingsError as error:
+        print(f"loupe: {error}", file=sys.stderr)
+        return 2
     except (ApiError, WeightsError) as error:
         print(f"loupe: {error}", file=sys.stderr)
         return 1

@@ -10,6 +10,12 @@ from pydantic import field_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+PrecisionSetting = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class SettingsError(ValueError):
+    """A setting that this machine can't honour (LOUPE_DEVICE=cuda without a GPU, fp16 on the CPU): a start-up error."""
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOUPE_", extra="ignore")
@@ -23,6 +29,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     weights_dir: Path = PROJECT_ROOT / "weights"
     tile_size: int | None = Field(default=None, ge=0)
+    precision: PrecisionSetting = "auto"  # auto: the policy of server/engine/precision.py
     vram_budget: int | None = Field(default=None, ge=0, description="bytes the model cache may hold on a GPU")
     compile: bool = True
     aura_overlap: bool = True  # AuraSR's second, half-tile-shifted pass: hides its tile grid at twice the work

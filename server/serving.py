@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from server import imaging
 from server.api.protocol import CostComponent, DryRunResponse, ImagesResponse, Metadata
 from server.config import Settings
-from server.engine.pipeline import plan_passes
+from server.engine.planning import JobPlan
 from server.engine.runtime import LocalEngine
 from server.jobs import Job
 from server.progress import ProgressHub
@@ -34,13 +34,6 @@ class Services:
     providers: RemoteProviders
     store: ResultStore
     progress: ProgressHub
-
-
-def local_executed_model(job: Job) -> str:
-    assert job.entry.local is not None
-    weights = job.entry.local.weights
-    scale = max(job.target[0] / job.image.width, job.target[1] / job.image.height)
-    return "local/" + "+".join(weights[p] for p in plan_passes(scale, job.entry.local.native_scales))
 
 
 def _cost(job: Job, route: Route, size: tuple[int, int]) -> float:
@@ -67,31 +60,36 @@ async def run(job: Job, services: Services, cancel: threading.Event, base_url: s
 
 
 async def _run_local(job: Job, services: Services, cancel: threading.Event, base_url: str) -> tuple[Published, Metadata]:
-    engine, settings = services.engine, services.settings
-    picture = await asyncio.to_thread(imaging.decode, job.image.data, max_pixels=settings.max_input_pixels)
+    engine = services.engine
+    picture, plan = await _plan_local(job, services)
     report = services.progress.tile_reporter(job.request_id)
-    stochastic = job.entry.local is not None and job.entry.local.family == "aura"
-    if stochastic:
+    if plan.images > 1:  # a model that samples noise: one seed per image
         first_seed = job.seed if job.seed is not None else secrets.randbits(63)
-        seeds = [first_seed + i for i in range(job.n)]
         pictures = [
-            await engine.upscale(job.entry, picture, job.target, seed=seed,
-                                 progress=_part_of(report, index, job.n), cancel=cancel)
-            for index, seed in enumerate(seeds)
+            await engine.upscale(plan, picture, seed=first_seed + index, progress=_part_of(report, index, plan.images),
+                                 cancel=cancel)
+            for index in range(plan.images)
         ]
     else:
-        result = await engine.upscale(job.entry, picture, job.target, seed=job.seed, progress=report, cancel=cancel)
+        result = await engine.upscale(plan, picture, seed=job.seed, progress=report, cancel=cancel)
         pictures = [result] * job.n
     services.progress.update(job.request_id, "encoding")
     published = await publish_pictures(pictures, job, services.store, base_url)
     metadata = Metadata(
         model=job.requested_model,
-        executed_model=local_executed_model(job),
+        executed_model=plan.executed_model,
         provider="local",
         provider_name=f"Loupe ({engine.device_name})",
         cost=0.0,
     )
     return published, metadata
+
+
+async def _plan_local(job: Job, services: Services) -> tuple[imaging.Picture, JobPlan]:
+    """The decoded picture and the engine's plan for it: the dry run and the run make them the same way."""
+    assert job.entry.local is not None
+    picture = await asyncio.to_thread(imaging.decode, job.image.data, max_pixels=services.settings.max_input_pixels)
+    return picture, services.engine.plan(job.entry, picture, job.target, job.n)
 
 
 def _part_of(report: Callable[[int, int], None], index: int, count: int) -> Callable[[int, int], None]:
@@ -123,7 +121,7 @@ async def dry_run(job: Job, services: Services) -> DryRunResponse:
     route = choose_route(job, services.settings, services.engine, services.providers)
     size = f"{job.target[0]}x{job.target[1]}"
     if route.local:
-        plan = services.engine.plan(job.entry, (job.image.width, job.image.height), job.target, channels=3)
+        _, plan = await _plan_local(job, services)
         return DryRunResponse(
             model=job.requested_model,
             provider="local",
@@ -131,8 +129,8 @@ async def dry_run(job: Job, services: Services) -> DryRunResponse:
             components=[CostComponent(type="output", metric="image", quantity=job.n, billable_quantity=job.n,
                                       unit_price=0.0, total_cost=0)],
             size=size,
-            executed_model=local_executed_model(job),
-            plan=plan,
+            executed_model=plan.executed_model,
+            plan=plan.describe(),
         )
     assert route.provider is not None
     upstream = await route.provider.dry_run(job)

@@ -12,7 +12,7 @@ from tests.fake_upstreams import FakeFal, FakeGateway
 from tests.servers import serve
 
 WEIGHTS_DIR = PROJECT_ROOT / "weights"
-REAL_WEIGHTS = ("realesrgan-x4plus", "realesr-animevideov3-x2", "realesr-animevideov3-x3", "realesr-animevideov3-x4")
+REAL_WEIGHTS = ("realesrgan-x4plus", "realesrgan-x4plus-anime", "realesr-animevideov3-x2", "realesr-animevideov3-x3", "realesr-animevideov3-x4")
 
 torch.set_num_threads(2)
 

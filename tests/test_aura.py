@@ -30,6 +30,7 @@ from server.errors import ApiError
 from server.imaging import Picture
 from tests import photos
 from tests.conftest import loupe_settings
+from tests.engine_runs import run
 from tests.servers import serve
 from tests.tiny_aura import write_tiny_aura
 
@@ -38,7 +39,7 @@ AURA = catalog.find("aura-sr")
 assert AURA is not None
 GRID = TilingSpec(context=0, blend=0, multiple_of=8, minimum=16, grid=64, shifted_pass=True)
 ONE_PASS = dataclasses.replace(GRID, shifted_pass=False)
-FULL_FRAME = TilingSpec(context=32, blend=0, multiple_of=8, minimum=16)  # with tile=0: one reflect-padded window
+FULL_FRAME = TilingSpec(context=0, blend=0, multiple_of=8, minimum=16)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_without_weights_aura_is_not_runnable_and_says_what_to_run(aura_weights:
     assert f"place any AuraSR .safetensors file in {tmp_path / 'none' / 'aura-sr'}" in reason
     assert "import-ncnn" not in reason
     with pytest.raises(ApiError) as raised:
-        empty.upscale_sync(AURA, Picture(photos.coffee((32, 32)).copy()), (128, 128))
+        run(empty, AURA, Picture(photos.coffee((32, 32)).copy()), (128, 128))
     assert raised.value.status == 503 and raised.value.code == "MODEL_UNAVAILABLE"
     ready = LocalEngine(engine_settings(aura_weights, tmp_path / "data"))
     assert ready.unavailable_reason(AURA) is None
@@ -212,7 +213,9 @@ def grid_line_error(image: np.ndarray, reference: np.ndarray, lines: list[int], 
 
 def test_the_shifted_pass_hides_the_tile_grid(aura: LoadedModel) -> None:
     photo = photos.astronaut((160, 96))
-    full = run_tiled(photo, aura, tile=0, spec=FULL_FRAME, seed=7)
+    # The grid reads reflected pixels past the image's border; so does this full frame, padded by 32 px.
+    padded = np.pad(photo, ((32, 32), (32, 32), (0, 0)), mode="reflect")
+    full = run_tiled(padded, aura, tile=0, spec=FULL_FRAME, seed=7)[128:-128, 128:-128]
     two = run_tiled(photo, aura, tile=64, batch=aura.batch, seed=7)
     one = run_tiled(photo, aura, tile=64, batch=aura.batch, spec=ONE_PASS, seed=7)
     assert full.shape == two.shape == one.shape == (384, 640, 3)
@@ -267,27 +270,27 @@ def test_alpha_grayscale_and_16_bits_go_through_the_shared_pipeline(engine: Loca
     rgb = photos.coffee((40, 24))
     alpha = np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (24, 1))[..., None]
     rgba = Picture(np.concatenate([rgb, alpha], axis=2))
-    first = engine.upscale_sync(AURA, rgba, (100, 60), seed=5)
+    first = run(engine, AURA, rgba, (100, 60), seed=5)
     assert first.pixels.shape == (60, 100, 4) and first.pixels.dtype == np.uint8
-    assert np.array_equal(first.pixels, engine.upscale_sync(AURA, rgba, (100, 60), seed=5).pixels)
+    assert np.array_equal(first.pixels, run(engine, AURA, rgba, (100, 60), seed=5).pixels)
     gray16 = Picture(rgb[..., :1].astype(np.uint16) * 257 + np.arange(40, dtype=np.uint16)[None, :, None])
-    deep = engine.upscale_sync(AURA, gray16, (160, 96), seed=5)
+    deep = run(engine, AURA, gray16, (160, 96), seed=5)
     assert deep.pixels.shape == (96, 160, 1) and deep.pixels.dtype == np.uint16
     assert np.any(deep.pixels % 257 != 0)  # 16-bit values, not 8-bit ones widened
 
 
 def test_the_overlap_setting_halves_the_tiles_of_the_plan(engine: LocalEngine, aura_weights: Path,
                                                           tmp_path: Path) -> None:
-    with_overlap = engine.plan(AURA, (160, 96), (640, 384), channels=3)
+    picture = Picture(photos.coffee((160, 96)).copy())
+    with_overlap = engine.plan(AURA, picture, (640, 384)).describe()
     single = LocalEngine(engine_settings(aura_weights, tmp_path / "single", aura_overlap=False))
-    without = single.plan(AURA, (160, 96), (640, 384), channels=3)
-    assert with_overlap["dtype"] == without["dtype"] == "float32"
+    without = single.plan(AURA, picture, (640, 384)).describe()
+    assert with_overlap["precision"] == without["precision"] == "fp32"  # AuraSR's profile: fp32 only
     (step,), (single_step,) = with_overlap["passes"], without["passes"]
     assert (step["tile"], step["tiles"], single_step["tiles"]) == (64, 12, 6)
     assert without["estimated_seconds"] < with_overlap["estimated_seconds"]
-    picture = Picture(photos.coffee((160, 96)).copy())
     reports: list[tuple[int, int]] = []
-    single.upscale_sync(AURA, picture, (640, 384), seed=1, progress=lambda done, total: reports.append((done, total)))
+    run(single, AURA, picture, (640, 384), seed=1, progress=lambda done, total: reports.append((done, total)))
     assert reports[-1] == (6, 6)
     asyncio.run(single.close())
 

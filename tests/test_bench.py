@@ -45,7 +45,7 @@ def test_smallest_cpu_run_appends_a_dated_table_with_every_figure(tmp_path: Path
     text = report.read_text()
     assert text.startswith("# Benchmarks\n\nWritten by hand.\n\n## ")
     assert "Command: `python -m scripts.bench --preset smoke --model animevideov3 --contenders" in text
-    assert "torch " in text and "24² → 96²" in text
+    assert "torch " in text and "24×24 → 96×96" in text and "avx512_bf16" in text
     rows = table_rows(text)
     assert list(rows) == contenders
     for name in contenders:

@@ -17,8 +17,10 @@ from server.config import Settings
 from server.engine.executor import Counters, run_tiled
 from server.engine.models import LoadedModel, load_model
 from server.engine.runtime import LocalEngine
+from server.engine.tiling import plan_tiles
 from server.imaging import Picture
 from tests import photos
+from tests.engine_runs import run
 from tests.test_executor import psnr
 from tests.tiny_aura import write_tiny_aura
 
@@ -46,8 +48,9 @@ def test_x4plus_in_fp16_channels_last_tiles_matches_an_fp32_full_frame(weights_d
     gpu = load_model("realesrgan-x4plus", weights_dir, GPU)
     assert gpu.dtype == torch.float16 and gpu.channels_last
     photo = photos.astronaut((192, 160))
-    truth = run_tiled(photo, load_model("realesrgan-x4plus", weights_dir, CPU), tile=0)
-    tiled = run_tiled(photo, gpu, tile=64, batch=3)  # 3×3 tiles: three batches, the copies of each overlapping
+    truth = run_tiled(photo, load_model("realesrgan-x4plus", weights_dir, CPU, "fp32"), tile=0)
+    # 3×3 tiles of one window shape: three batches, the copies of each overlapping.
+    tiled = run_tiled(photo, gpu, plan=plan_tiles((192, 160), 4, 64, gpu.spec, fixed_window=True), batch=3)
     assert tiled.shape == truth.shape == (640, 768, 3)
     assert psnr(truth, tiled) >= 45
 
@@ -68,7 +71,7 @@ def test_the_engine_runs_x4plus_at_its_own_tiling_in_under_4_gib(weights_dir: Pa
     engine = LocalEngine(Settings(weights_dir=weights_dir, data_dir=tmp_path, device="cuda", compile=False))
     try:
         torch.cuda.reset_peak_memory_stats()
-        result = engine.upscale_sync(entry, Picture(photos.astronaut((1024, 1024))), (4096, 4096))
+        result = run(engine, entry, Picture(photos.astronaut((1024, 1024))), (4096, 4096))
         assert result.pixels.shape == (4096, 4096, 3)
         assert torch.cuda.max_memory_allocated() <= 4 << 30
     finally:

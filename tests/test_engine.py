@@ -16,7 +16,7 @@ from server.config import Settings
 from server.engine.devices import DeviceWorker
 from server.engine.executor import Cancelled, run_tiled
 from server.engine.models import (
-    MAX_TILE,
+    MAX_TILE_CUDA,
     PROFILES,
     CompiledForward,
     ModelCache,
@@ -24,14 +24,15 @@ from server.engine.models import (
     choose_tiling,
     compile_model,
     load_model,
-    pick_dtype,
 )
+from server.engine.precision import cpu_has_native_bf16
 from server.engine.runtime import LocalEngine
 from server.engine.tiling import window_side
 from server.engine.weights import MANIFEST
 from server.errors import ApiError
 from server.imaging import Picture
 from tests import photos
+from tests.engine_runs import run, run_async
 from tests.tiny_models import tiny_model, tiny_network, write_tiny_weights
 
 CPU = torch.device("cpu")
@@ -53,11 +54,15 @@ def tiny_weights(tmp_path: Path) -> Path:
 # Loading
 
 
-def test_the_cpu_runs_fp32_and_cuda_prefers_fp16_where_the_architecture_takes_it(tiny_weights: Path) -> None:
+def test_a_model_loads_in_the_precision_and_layout_the_policy_picks(tiny_weights: Path) -> None:
     model = load_model("realesr-animevideov3-x4", tiny_weights, CPU)
-    assert model.dtype == torch.float32 and next(model.descriptor.model.parameters()).dtype == torch.float32
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    parameter = next(model.descriptor.model.parameters())
+    assert model.dtype == expected and parameter.dtype == expected
+    assert model.channels_last and parameter.is_contiguous(memory_format=torch.channels_last)
     assert not model.descriptor.model.training
-    assert pick_dtype(model.descriptor, torch.device("cuda")) == torch.float16
+    forced = load_model("realesr-animevideov3-x4", tiny_weights, CPU, "fp32")
+    assert forced.dtype == torch.float32 and next(forced.descriptor.model.parameters()).dtype == torch.float32
 
 
 def test_missing_weights_say_which_file_and_how_to_get_it(tmp_path: Path) -> None:
@@ -139,11 +144,11 @@ def test_less_free_memory_means_smaller_tiles() -> None:
     profile = PROFILES["ESRGAN"]
     tiles = [choose_tiling(profile, profile.tiling, torch.float16, torch.device("cuda"), free)
              for free in (1 << 40, 8 << 30, 2 << 30, 512 << 20, 64 << 20, 1 << 20)]
-    assert tiles[0] == (MAX_TILE["cuda"], 1)  # one 576² window already saturates an H100
+    assert tiles[0] == (MAX_TILE_CUDA, 1)  # one 576² window already saturates an H100
     assert [t for t, _ in tiles] == sorted((t for t, _ in tiles), reverse=True)
     assert tiles[-1] == (16, 1)
-    cpu_tile, cpu_batch = choose_tiling(profile, profile.tiling, torch.float32, CPU, 64 << 30)
-    assert cpu_tile == MAX_TILE["cpu"] and cpu_batch == 1
+    # On the CPU no tile is fixed: each job's plan cuts the fewest tiles its memory allows.
+    assert choose_tiling(profile, profile.tiling, torch.float32, CPU, 64 << 30) == (0, 1)
 
 
 def test_a_free_gpu_runs_x4plus_in_under_4_gib_and_batches_the_light_networks() -> None:
@@ -211,7 +216,7 @@ def test_unavailable_models_say_why_and_what_to_run(tmp_path: Path, tiny_weights
 def test_upscale_reports_progress_and_counts_tiles(engine: LocalEngine) -> None:
     picture = Picture(photos.coffee((80, 48)).copy())
     reports: list[tuple[int, int]] = []
-    result = asyncio.run(engine.upscale(ANIME, picture, (320, 192), progress=lambda d, t: reports.append((d, t))))
+    result = asyncio.run(run_async(engine, ANIME, picture, (320, 192), progress=lambda d, t: reports.append((d, t))))
     assert result.pixels.shape == (192, 320, 3) and result.pixels.dtype == np.uint8
     assert reports[-1] == (6, 6) and [d for d, _ in reports] == sorted(d for d, _ in reports)
     stats = engine.stats()
@@ -223,7 +228,7 @@ def test_a_picture_with_varying_alpha_reports_one_steady_total(engine: LocalEngi
     rgb = photos.coffee((64, 32))
     alpha = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (32, 1))[..., None]
     reports: list[tuple[int, int]] = []
-    result = engine.upscale_sync(ANIME, Picture(np.concatenate([rgb, alpha], axis=2)), (256, 128),
+    result = run(engine, ANIME, Picture(np.concatenate([rgb, alpha], axis=2)), (256, 128),
                                  progress=lambda d, t: reports.append((d, t)))
     assert result.pixels.shape == (128, 256, 4)
     assert {total for _, total in reports} == {4}  # two runs (over black, over white) of two tiles
@@ -232,23 +237,29 @@ def test_a_picture_with_varying_alpha_reports_one_steady_total(engine: LocalEngi
 
 def test_two_passes_chain_the_native_scales(engine: LocalEngine) -> None:
     picture = Picture(photos.chelsea((30, 20)).copy())
-    result = engine.upscale_sync(ANIME, picture, (180, 120))
-    assert result.pixels.shape == (120, 180, 3)
-    plan = engine.plan(ANIME, (30, 20), (180, 120), channels=3)
-    assert [(p["scale"], p["weights"], p["input"]) for p in plan["passes"]] == [
-        (3, "realesr-animevideov3-x3", [30, 20]), (2, "realesr-animevideov3-x2", [90, 60])]
+    plan = engine.plan(ANIME, picture, (180, 120))
+    assert [(p.scale, p.weight_id, p.input_size) for p in plan.passes] == [
+        (3, "realesr-animevideov3-x3", (30, 20)), (2, "realesr-animevideov3-x2", (90, 60))]
+    assert plan.executed_model == "local/realesr-animevideov3-x3+realesr-animevideov3-x2"
+    assert engine.upscale_sync(plan, picture).pixels.shape == (120, 180, 3)
 
 
 def test_the_dry_run_plan(engine: LocalEngine, tiny_weights: Path, tmp_path: Path) -> None:
-    plan = engine.plan(X4PLUS, (100, 64), (400, 256), channels=4)
-    assert plan["device"] == "cpu" and plan["dtype"] == "float32"
-    assert plan["model_runs"] == 2  # varying alpha assumed: over black and over white
+    alpha = np.tile(np.linspace(0, 255, 100, dtype=np.uint8), (64, 1))[..., None]
+    picture = Picture(np.concatenate([photos.coffee((100, 64)), alpha], axis=2))
+    plan = engine.plan(X4PLUS, picture, (400, 256)).describe()
+    expected = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert plan["device"] == "cpu" and plan["precision"] == expected and plan["layout"] == "channels_last"
+    assert plan["model_runs"] == 2  # a varying alpha: over black and over white
     (step,) = plan["passes"]
     assert step["tile"] == 32 and step["tiles"] == 4 * 2 and step["output"] == [400, 256]
+    assert plan["tiles"] == 2 * 4 * 2
     assert plan["estimated_seconds"] > 0 and plan["estimated_peak_host_bytes"] > 400 * 256 * 3
     assert plan["estimated_peak_device_bytes"] > 0
     full_frame = LocalEngine(engine_settings(tiny_weights, tmp_path / "data", tile_size=0))
-    assert full_frame.plan(X4PLUS, (100, 64), (400, 256), channels=3)["passes"][0]["tiles"] == 1
+    assert full_frame.plan(X4PLUS, picture, (400, 256)).describe()["passes"][0]["tiles"] == 1
+    planned = LocalEngine(engine_settings(tiny_weights, tmp_path / "data"))
+    assert planned.plan(X4PLUS, picture, (400, 256)).describe()["tiles"] == 2  # it fits: one full frame per run
 
 
 def test_cancelling_a_running_job_stops_it_between_tiles(engine: LocalEngine) -> None:
@@ -260,7 +271,7 @@ def test_cancelling_a_running_job_stops_it_between_tiles(engine: LocalEngine) ->
         cancel.set()
 
     with pytest.raises(Cancelled):
-        engine.upscale_sync(ANIME, Picture(photos.coffee((128, 128)).copy()), (512, 512), progress=progress,
+        run(engine, ANIME, Picture(photos.coffee((128, 128)).copy()), (512, 512), progress=progress,
                             cancel=cancel)
     assert reports == [(1, 16)]
     assert engine.stats()["tiles_processed"] == 1
@@ -280,7 +291,7 @@ def test_a_full_engine_is_overloaded_and_refuses(tiny_weights: Path, tmp_path: P
         engine.workers[0].submit(lambda _: None)
         assert engine.overloaded()
         with pytest.raises(ApiError) as raised:
-            engine.upscale_sync(ANIME, Picture(photos.coffee((16, 16)).copy()), (64, 64))
+            run(engine, ANIME, Picture(photos.coffee((16, 16)).copy()), (64, 64))
         assert raised.value.status == 429 and "Retry-After" in raised.value.headers
     finally:
         release.set()
@@ -290,10 +301,10 @@ def test_a_full_engine_is_overloaded_and_refuses(tiny_weights: Path, tmp_path: P
 def test_concurrent_requests_never_mix(engine: LocalEngine) -> None:
     pictures = [Picture(photos.coffee((40, 40)).copy()), Picture(photos.chelsea((40, 40)).copy()),
                 Picture(photos.astronaut((40, 40)).copy())]
-    alone = [engine.upscale_sync(ANIME, p, (160, 160)).pixels for p in pictures]
+    alone = [run(engine, ANIME, p, (160, 160)).pixels for p in pictures]
 
     async def together() -> list[Picture]:
-        return await asyncio.gather(*(engine.upscale(ANIME, p, (160, 160)) for p in pictures))
+        return await asyncio.gather(*(run_async(engine, ANIME, p, (160, 160)) for p in pictures))
 
     for result, expected in zip(asyncio.run(together()), alone):
         assert np.array_equal(result.pixels, expected)
@@ -310,7 +321,7 @@ def test_cancelling_the_awaiting_task_cancels_a_queued_job(engine: LocalEngine) 
     async def scenario() -> None:
         engine.workers[0].submit(blocking)
         assert await asyncio.to_thread(started.wait, 10)
-        task = asyncio.create_task(engine.upscale(ANIME, Picture(photos.coffee((16, 16)).copy()), (64, 64),
+        task = asyncio.create_task(run_async(engine, ANIME, Picture(photos.coffee((16, 16)).copy()), (64, 64),
                                                   progress=lambda d, t: ran.append("ran")))
         await asyncio.sleep(0.05)
         assert engine.stats()["queue_depth"] == 2
@@ -330,5 +341,5 @@ def test_a_corrupt_weight_fails_the_request_with_a_503(tiny_weights: Path, tmp_p
     path.write_bytes(b"broken")
     engine = LocalEngine(engine_settings(tiny_weights, tmp_path / "data"))
     with pytest.raises(ApiError) as raised:
-        asyncio.run(engine.upscale(ANIME, Picture(photos.coffee((16, 16)).copy()), (64, 64)))
+        asyncio.run(run_async(engine, ANIME, Picture(photos.coffee((16, 16)).copy()), (64, 64)))
     assert raised.value.status == 503 and raised.value.code == "WEIGHTS_CORRUPT"

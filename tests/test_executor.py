@@ -67,19 +67,24 @@ def test_48_pixel_tiles_match_one_full_frame_pass_x4plus(weights_dir: Path) -> N
     assert psnr(full, tiled) >= 45
 
 
-def test_borders_are_reflect_padded_like_the_ncnn_reference(anime: LoadedModel) -> None:
-    """A bare forward pass zero-pads every conv, which darkens the borders; the executor reads reflected pixels."""
+def test_a_full_frame_is_one_bare_pass_of_the_network(anime: LoadedModel) -> None:
+    """At the image's border the executor does what the network does over the whole image: no padding of its own."""
     photo = photos.coffee((96, 64)).copy()
     ours = run_tiled(photo, anime, tile=0)
     with torch.inference_mode():
         batch = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255
-        bare = (anime(batch)[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-    reflected = np.pad(photo, ((16, 16), (16, 16), (0, 0)), mode="reflect")
-    with torch.inference_mode():
-        batch = torch.from_numpy(reflected).permute(2, 0, 1)[None].float() / 255
-        padded = (anime(batch)[0, :, 64:-64, 64:-64].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-    assert np.abs(ours.astype(int) - padded).max() <= 1
-    assert np.abs(ours[:2].astype(int) - bare[:2]).mean() > np.abs(ours[200:202].astype(int) - bare[200:202]).mean()
+        batch = batch.to(anime.dtype).contiguous(memory_format=torch.channels_last)
+        bare = (anime(batch)[0].float().permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    assert np.abs(ours.astype(int) - bare).max() <= 1
+
+
+def test_border_tiles_see_the_border_as_a_full_frame_does(anime: LoadedModel) -> None:
+    photo = photos.coffee((160, 112))
+    full = run_tiled(photo, anime, tile=0)
+    tiled = run_tiled(photo, anime, tile=48)
+    border = np.ones(full.shape[:2], bool)
+    border[32:-32, 32:-32] = False  # 32 output pixels in from the image's own border
+    assert psnr(full[border], tiled[border]) >= 45
 
 
 def test_x2_weights_run_the_x4_network_then_resize(weights_dir: Path) -> None:
@@ -105,7 +110,7 @@ def test_out_of_memory_halves_the_tile_and_resumes_from_the_failed_tile(anime: L
     resumed = plan_remaining(plan, 4, 20)
     assert forward.calls == 5 + len(resumed.tiles)
     assert forward.calls < 5 + len(plan_tiles((120, 90), 4, 20, anime.spec).tiles)
-    assert forward.shapes[5:] == [(1, 3, resumed.window[1], resumed.window[0])] * len(resumed.tiles)
+    assert forward.shapes[5:] == [(1, 3, t.window.height, t.window.width) for t in resumed.tiles]
     assert counters.oom_retries == 1 and counters.tiles == 4 + len(resumed.tiles)
     assert psnr(clean, recovered) >= 45
 
@@ -189,7 +194,8 @@ def test_cancelling_stops_between_tiles(anime: LoadedModel) -> None:
 
 def test_progress_counts_every_tile(anime: LoadedModel) -> None:
     reports: list[tuple[int, int]] = []
-    run_tiled(photos.coffee((96, 64)), anime, tile=32, batch=2, progress=lambda d, t: reports.append((d, t)))
+    plan = plan_tiles((96, 64), 4, 32, anime.spec, fixed_window=True)  # one window shape: batches of two
+    run_tiled(photos.coffee((96, 64)), anime, plan=plan, batch=2, progress=lambda d, t: reports.append((d, t)))
     assert reports == [(2, 6), (4, 6), (6, 6)]
 
 
@@ -198,7 +204,15 @@ def test_batches_give_the_same_image_as_single_tiles(anime: LoadedModel) -> None
     single = run_tiled(photo, anime, tile=32, batch=1)
     forward = CountingForward(anime)
     batched = run_tiled(photo, anime, tile=32, batch=5, forward=forward)
-    assert [shape[0] for shape in forward.shapes] == [5, 5, 2]
+    # 4 × 3 tiles whose windows are narrower at the image's border: a batch holds one window shape.
+    plan = plan_tiles((100, 70), 4, 32, anime.spec)
+    shapes = [(1, 3, t.window.height, t.window.width) for t in plan.tiles]
+    runs = [(shape[0], *shape[1:]) for shape in forward.shapes]
+    assert sum(count for count, *_ in runs) == 12 and max(count for count, *_ in runs) >= 2
+    assert [shape for count, *shape in runs for _ in range(count)] == [list(s[1:]) for s in shapes]
+    fixed = CountingForward(anime)
+    run_tiled(photo, anime, plan=plan_tiles((100, 70), 4, 32, anime.spec, fixed_window=True), batch=5, forward=fixed)
+    assert [shape[0] for shape in fixed.shapes] == [5, 5, 2]
     assert np.abs(single.astype(int) - batched).max() <= 1
 
 

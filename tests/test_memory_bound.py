@@ -1,4 +1,4 @@
-"""A 10K output stays within bounded host memory: no full-size float canvas, only a band of rows."""
+"""A tiled 10K output stays within bounded host memory: no full-size float canvas, only a band of rows."""
 from __future__ import annotations
 
 import json
@@ -23,12 +23,13 @@ from tests.tiny_models import write_tiny_weights
 torch.set_num_threads(2)
 weights = write_tiny_weights(Path(sys.argv[1]) / "weights")
 engine = LocalEngine(Settings.model_validate({"weights_dir": weights, "data_dir": Path(sys.argv[1]) / "data",
-                                              "device": "cpu", "compile": False}))
+                                              "device": "cpu", "compile": False, "tile_size": 512}))
 entry = catalog.find("realesr-animevideov3")
 picture = Picture(np.random.default_rng(0).integers(0, 256, (2560, 2560, 3), dtype=np.uint8))
-engine.upscale_sync(entry, Picture(picture.pixels[:8, :8].copy()), (32, 32))  # the model is loaded: not counted
+small = Picture(picture.pixels[:8, :8].copy())
+engine.upscale_sync(engine.plan(entry, small, (32, 32)), small)  # the model is loaded: not counted
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-out = engine.upscale_sync(entry, picture, (10240, 10240)).pixels
+out = engine.upscale_sync(engine.plan(entry, picture, (10240, 10240)), picture).pixels
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"before": before, "after": after, "shape": list(out.shape), "dtype": str(out.dtype),
                   "tiles": engine.stats()["tiles_processed"], "spread": int(out[::97, ::97].std() > 5)}))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.engine.pipeline import constant_alpha, model_runs, plan_passes, upscale_picture
+from server.engine.pipeline import RunRgb, constant_alpha, model_runs, plan_passes, upscale_picture
 from server.imaging import Picture, resize
 from tests.photos import astronaut
 
@@ -23,6 +23,12 @@ class NearestNeighbour:
         assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.flags.c_contiguous
         self.calls.append((pixels.shape, scale))
         return np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
+
+
+def upscale(picture: Picture, target: tuple[int, int], natives: tuple[int, ...], run_rgb: RunRgb) -> Picture:
+    """The pipeline with the passes a job plan would choose from `natives`."""
+    passes = plan_passes(max(target[0] / picture.width, target[1] / picture.height), natives)
+    return upscale_picture(picture, target, passes, run_rgb)
 
 
 def nearest(pixels: np.ndarray, scale: int) -> np.ndarray:
@@ -73,27 +79,27 @@ def test_output_has_exactly_the_target_size(scale: float, channels: int) -> None
     pixels = np.dstack([photo, alpha_ramp(47, 61)])[..., [0, 3] if channels == 2 else slice(0, channels)]
     picture = Picture(np.ascontiguousarray(pixels))
     target = (round(61 * scale), round(47 * scale))
-    out = upscale_picture(picture, target, (2, 4), nearest)
+    out = upscale(picture, target, (2, 4), nearest)
     assert (out.width, out.height) == target
     assert out.channels == channels and out.pixels.dtype == np.uint8
 
 
 def test_a_target_with_another_aspect_ratio_is_met_exactly() -> None:
-    out = upscale_picture(Picture(astronaut((40, 40))), (150, 90), (4,), nearest)
+    out = upscale(Picture(astronaut((40, 40))), (150, 90), (4,), nearest)
     assert (out.width, out.height) == (150, 90)
 
 
 def test_passes_that_land_exactly_are_not_resampled() -> None:
     photo = astronaut((30, 20))
     model = NearestNeighbour()
-    out = upscale_picture(Picture(photo), (240, 160), (2, 4), model)
+    out = upscale(Picture(photo), (240, 160), (2, 4), model)
     assert model.calls == [((20, 30, 3), 4), ((80, 120, 3), 2)]
     np.testing.assert_array_equal(out.pixels, nearest(photo, 8))
 
 
 def test_fractional_scale_resamples_the_native_output() -> None:
     photo = astronaut((30, 20))
-    out = upscale_picture(Picture(photo), (75, 50), (4,), nearest)  # 2.5× from one ×4 pass
+    out = upscale(Picture(photo), (75, 50), (4,), nearest)  # 2.5× from one ×4 pass
     np.testing.assert_array_equal(out.pixels, resize(nearest(photo, 4), 75, 50))
     assert abs(out.pixels.mean() - photo.mean()) < 2
 
@@ -102,7 +108,7 @@ def test_constant_alpha_is_reattached_exactly_and_runs_once_per_pass() -> None:
     photo = astronaut((30, 20))
     picture = Picture(np.dstack([photo, np.full((20, 30), 200, np.uint8)]))
     model = NearestNeighbour()
-    out = upscale_picture(picture, (91, 61), (2, 4), model)
+    out = upscale(picture, (91, 61), (2, 4), model)
     assert constant_alpha(picture) == 200
     assert (out.pixels[..., 3] == 200).all()
     assert len(model.calls) == model_runs(4, True, plan_passes(91 / 30, (2, 4))) == 1
@@ -115,7 +121,7 @@ def test_black_and_white_trick_recovers_an_alpha_ramp(dtype: type) -> None:
     alpha = alpha_ramp(16, 64, dtype)
     picture = Picture(np.dstack([colour, alpha]))
     model = NearestNeighbour()
-    out = upscale_picture(picture, (128, 32), (2,), model)
+    out = upscale(picture, (128, 32), (2,), model)
     assert len(model.calls) == model_runs(4, False, [2]) == 2
     np.testing.assert_array_equal(out.pixels[..., 3], nearest(alpha[..., None], 2)[..., 0])
     visible = nearest(alpha[..., None], 2)[..., 0] >= top // 4
@@ -125,7 +131,7 @@ def test_black_and_white_trick_recovers_an_alpha_ramp(dtype: type) -> None:
 
 def test_alpha_at_a_fractional_scale_follows_the_resampled_ramp() -> None:
     picture = Picture(np.dstack([astronaut((64, 16)), alpha_ramp(16, 64)]))
-    out = upscale_picture(picture, (88, 22), (4,), nearest)
+    out = upscale(picture, (88, 22), (4,), nearest)
     expected = np.linspace(0, 255, 88)
     assert np.abs(out.pixels[11, :, 3].astype(float) - expected).max() < 8
 
@@ -133,7 +139,7 @@ def test_alpha_at_a_fractional_scale_follows_the_resampled_ramp() -> None:
 def test_gray_with_alpha_stays_gray_with_alpha() -> None:
     gray = astronaut((40, 20)).mean(axis=2).astype(np.uint8)
     alpha = alpha_ramp(20, 40)
-    out = upscale_picture(Picture(np.dstack([gray, alpha])), (80, 40), (2,), nearest)
+    out = upscale(Picture(np.dstack([gray, alpha])), (80, 40), (2,), nearest)
     assert out.channels == 2
     np.testing.assert_array_equal(out.pixels[..., 1], nearest(alpha[..., None], 2)[..., 0])
     visible = nearest(alpha[..., None], 2)[..., 0] >= 64
@@ -144,7 +150,7 @@ def test_gray_with_alpha_stays_gray_with_alpha() -> None:
 def test_grayscale_runs_as_colour_and_comes_back_gray(dtype: type) -> None:
     gray = (astronaut((40, 30)).mean(axis=2, keepdims=True) * (257 if dtype == np.uint16 else 1)).astype(dtype)
     model = NearestNeighbour()
-    out = upscale_picture(Picture(gray), (120, 90), (3,), model)
+    out = upscale(Picture(gray), (120, 90), (3,), model)
     assert model.calls == [((30, 40, 3), 3)]
     assert out.channels == 1 and out.pixels.dtype == dtype
     np.testing.assert_array_equal(out.pixels, nearest(gray, 3))
@@ -153,21 +159,21 @@ def test_grayscale_runs_as_colour_and_comes_back_gray(dtype: type) -> None:
 def test_16_bit_stays_16_bit_end_to_end() -> None:
     rng = np.random.default_rng(3)
     pixels = rng.integers(0, 65536, (12, 16, 3), dtype=np.uint16)
-    out = upscale_picture(Picture(pixels), (64, 48), (4,), nearest)
+    out = upscale(Picture(pixels), (64, 48), (4,), nearest)
     assert out.pixels.dtype == np.uint16 and out.bit_depth == 16
     np.testing.assert_array_equal(out.pixels, nearest(pixels, 4))
-    shrunk = upscale_picture(Picture(pixels), (8, 6), (4,), nearest)
+    shrunk = upscale(Picture(pixels), (8, 6), (4,), nearest)
     assert shrunk.pixels.dtype == np.uint16 and (shrunk.width, shrunk.height) == (8, 6)
 
 
 def test_icc_profile_is_kept() -> None:
-    out = upscale_picture(Picture(astronaut((8, 8)), icc_profile=b"profile"), (16, 16), (2,), nearest)
+    out = upscale(Picture(astronaut((8, 8)), icc_profile=b"profile"), (16, 16), (2,), nearest)
     assert out.icc_profile == b"profile"
 
 
 def test_a_model_returning_the_wrong_shape_is_caught() -> None:
     with pytest.raises(RuntimeError, match="run_rgb"):
-        upscale_picture(Picture(astronaut((8, 8))), (32, 32), (4,), lambda pixels, scale: nearest(pixels, 2))
+        upscale(Picture(astronaut((8, 8))), (32, 32), (4,), lambda pixels, scale: nearest(pixels, 2))
 
 
 def test_model_runs_counts_calls_for_progress() -> None:

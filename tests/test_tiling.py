@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.tiling import Plan, TilingSpec, plan_remaining, plan_tiles, split
+from server.engine.tiling import Plan, TilingSpec, fewest_tiles, plan_remaining, plan_tiles, split, window_side
 
 sizes = st.integers(1, 90)
 specs = st.builds(
@@ -47,22 +47,67 @@ def test_blend_weights_cover_every_output_pixel_and_add_up_to_one(width: int, he
 @settings(max_examples=100, deadline=None)
 @given(width=sizes, height=sizes, scale=st.integers(1, 4), tile=st.integers(1, 64), spec=specs,
        fixed=st.booleans())
-def test_windows_share_one_shape_and_hold_their_core_with_its_context(width: int, height: int, scale: int, tile: int,
-                                                                     spec: TilingSpec, fixed: bool) -> None:
+def test_windows_hold_their_core_with_context_toward_other_tiles_and_stop_at_the_image_border(
+        width: int, height: int, scale: int, tile: int, spec: TilingSpec, fixed: bool) -> None:
     plan = plan_tiles((width, height), scale, tile, spec, fixed_window=fixed)
-    window_w, window_h = plan.window
-    assert window_w % spec.multiple_of == 0 and window_h % spec.multiple_of == 0
-    assert min(plan.window) >= spec.minimum
+    fixed_side = window_side(tile, spec)
     for t in plan.tiles:
-        assert (t.window.width, t.window.height) == plan.window
-        assert t.window.x0 == t.core.x0 - spec.context and t.window.y0 == t.core.y0 - spec.context
-        assert t.window.x1 >= t.core.x1 + spec.context and t.window.y1 >= t.core.y1 + spec.context
-        # Pasted pixels stay `context - blend` away from the window's edge: those saw too little of the image.
+        for lo, hi, core_lo, core_hi, length in ((t.window.x0, t.window.x1, t.core.x0, t.core.x1, width),
+                                                 (t.window.y0, t.window.y1, t.core.y0, t.core.y1, height)):
+            assert (hi - lo) % spec.multiple_of == 0 and hi - lo >= spec.minimum
+            assert lo <= max(core_lo - spec.context, 0) and hi >= min(core_hi + spec.context, length)
+            # Past the border only where the image itself is shorter than the size requirement.
+            assert (0 <= lo and hi <= length) or hi - lo > length
+            if fixed and length >= fixed_side:
+                assert hi - lo == fixed_side
+        # Pasted pixels stay `context - blend` away from an inner window edge: those saw too little of the image.
         margin = (spec.context - spec.blend) * scale
-        assert t.paste.x0 >= t.window.x0 * scale + margin and t.paste.x1 <= t.window.x1 * scale - margin
-        assert t.paste.y0 >= t.window.y0 * scale + margin and t.paste.y1 <= t.window.y1 * scale - margin
+        assert t.paste.x0 >= t.window.x0 * scale + (margin if t.window.x0 > 0 else 0)
+        assert t.paste.x1 <= t.window.x1 * scale - (margin if t.window.x1 < width else 0)
+        assert t.paste.y0 >= t.window.y0 * scale + (margin if t.window.y0 > 0 else 0)
+        assert t.paste.y1 <= t.window.y1 * scale - (margin if t.window.y1 < height else 0)
         rows, cols = plan.crop(t)
-        assert 0 <= rows.start and rows.stop <= window_h * scale and 0 <= cols.start and cols.stop <= window_w * scale
+        assert 0 <= rows.start and rows.stop <= t.window.height * scale
+        assert 0 <= cols.start and cols.stop <= t.window.width * scale
+    assert plan.window == (max(t.window.width for t in plan.tiles), max(t.window.height for t in plan.tiles))
+
+
+@settings(max_examples=60, deadline=None)
+@given(width=st.integers(1, 160), height=st.integers(1, 160), spec=specs, budget=st.integers(1, 40_000),
+       max_core=st.one_of(st.none(), st.integers(16, 96)))
+def test_the_fewest_tiles_are_the_least_work_that_fits_the_budget(width: int, height: int, spec: TilingSpec,
+                                                                   budget: int, max_core: int | None) -> None:
+    def work(columns: int, rows: int) -> tuple[int, int]:
+        plan = plan_tiles((width, height), 1, (columns, rows), spec)
+        return plan.window_pixels, plan.window[0] * plan.window[1]
+
+    def allowed(columns: int, rows: int) -> bool:
+        plan = plan_tiles((width, height), 1, (columns, rows), spec)
+        return max_core is None or plan.tile <= max_core
+
+    columns, rows = fewest_tiles((width, height), spec, lambda w, h: w * h <= budget, max_core)
+    grids = [(c, r) for c in range(1, math.ceil(width / 16) + 1) for r in range(1, math.ceil(height / 16) + 1)
+             if allowed(c, r) and work(c, r)[1] <= budget]
+    if not grids:
+        assert (columns, rows) == (math.ceil(width / 16), math.ceil(height / 16))
+        return
+    assert allowed(columns, rows) and work(columns, rows)[1] <= budget
+    least = min(work(c, r)[0] for c, r in grids)
+    if spec.multiple_of == 1:
+        assert work(columns, rows)[0] == least
+    else:  # rounding windows up to the multiple can make one more row cheaper; the planner takes the fewest
+        assert work(columns, rows)[0] <= 1.25 * least
+
+
+def test_an_image_that_fits_runs_as_one_full_frame() -> None:
+    spec = TilingSpec(context=32, blend=16)
+    assert fewest_tiles((450, 300), spec, lambda w, h: w * h <= 450 * 300) == (1, 1)
+    # Just too little for the full frame: two tiles side by side, not four, and context only where they meet.
+    columns, rows = fewest_tiles((450, 300), spec, lambda w, h: w * h < 450 * 300)
+    assert (columns, rows) == (2, 1)
+    plan = plan_tiles((450, 300), 4, (columns, rows), spec)
+    assert [(t.window.x0, t.window.x1) for t in plan.tiles] == [(0, 257), (193, 450)]
+    assert all((t.window.y0, t.window.y1) == (0, 300) for t in plan.tiles)
 
 
 @settings(max_examples=200, deadline=None)
@@ -81,26 +126,31 @@ def test_1200_pixels_with_1024_pixel_tiles_make_two_600_pixel_tiles() -> None:
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 7), (7, 1), (3, 2)])
-def test_tiny_images_get_one_reflect_padded_window(size: tuple[int, int]) -> None:
+def test_tiny_images_run_as_they_are(size: tuple[int, int]) -> None:
     plan = plan_tiles(size, 4, 48, TilingSpec(context=16, blend=8))
-    assert len(plan.tiles) == 1
     (tile,) = plan.tiles
-    assert (tile.window.x0, tile.window.y0) == (-16, -16)
-    assert plan.window == (size[0] + 32, size[1] + 32)
+    assert (tile.window.x0, tile.window.y0, tile.window.x1, tile.window.y1) == (0, 0, *size)
     assert (tile.paste.x0, tile.paste.y0, tile.paste.x1, tile.paste.y1) == (0, 0, size[0] * 4, size[1] * 4)
     assert (tile.weight_x == 1).all() and (tile.weight_y == 1).all()
+
+
+def test_a_size_requirement_the_image_cannot_meet_reads_past_its_far_border() -> None:
+    (tile,) = plan_tiles((5, 3), 4, 0, TilingSpec(context=16, blend=8, multiple_of=8, minimum=16)).tiles
+    assert (tile.window.x0, tile.window.y0, tile.window.x1, tile.window.y1) == (0, 0, 16, 16)
 
 
 def test_a_tile_at_least_as_large_as_the_image_and_full_frame_give_one_tile() -> None:
     assert len(plan_tiles((300, 200), 2, 300).tiles) == 1
     full = plan_tiles((300, 200), 2, 0)
-    assert len(full.tiles) == 1 and full.window == (332, 232)
+    assert len(full.tiles) == 1 and full.window == (300, 200)
 
 
-def test_fixed_windows_keep_one_shape_even_for_small_images() -> None:
+def test_fixed_windows_slide_inwards_at_the_border_and_keep_one_shape() -> None:
     spec = TilingSpec(context=16, blend=8, multiple_of=8)
-    assert plan_tiles((20, 30), 4, 512, spec, fixed_window=True).window == (544, 544)
-    assert plan_tiles((2000, 30), 4, 512, spec, fixed_window=True).window == (544, 544)
+    wide = plan_tiles((2000, 30), 4, 512, spec, fixed_window=True)
+    assert {(t.window.width, t.window.height) for t in wide.tiles} == {(544, 32)}
+    assert wide.tiles[0].window.x0 == 0 and wide.tiles[-1].window.x1 == 2000
+    assert plan_tiles((20, 30), 4, 512, spec, fixed_window=True).window == (24, 32)  # shorter than one window
 
 
 @settings(max_examples=100, deadline=None)
@@ -131,7 +181,6 @@ def test_resuming_after_a_failed_tile_covers_exactly_what_was_left(width: int, h
         cover[t.core.y0 : t.core.y1, t.core.x0 : t.core.x1] += 1
     assert (cover == 1).all()
     assert all(max(t.core.width, t.core.height) <= max(1, smaller // 2) for t in last.tiles)
-    assert all((t.window.width, t.window.height) == last.window for t in last.tiles)
 
     sums = weight_sums(plan, range(failed)) + weight_sums(rest, range(again)) + weight_sums(last)
     assert (sums > 0.2).all()  # the executor divides by these: nothing left unweighted

@@ -20,7 +20,11 @@ def _card(entry: ModelEntry, services: Services) -> ModelCard:
     where = None
     if entry.local is not None:
         reason = services.engine.unavailable_reason(entry)
-        local = {"runnable": reason is None, "reason": reason, "native_scales": list(entry.local.native_scales)}
+        execution = services.engine.execution(entry)
+        assert execution is not None
+        local = {"runnable": reason is None, "reason": reason, "native_scales": list(entry.local.native_scales),
+                 "device": services.engine.device_name, "precision": execution.precision,
+                 "layout": execution.layout}
         if reason is None:
             where = "local"
     provider = services.providers.route(entry, entry.id)

@@ -58,7 +58,8 @@ def run_tiled(
     pixels: np.ndarray,
     model: LoadedModel,
     *,
-    tile: int,
+    tile: int | None = None,
+    plan: Plan | None = None,
     batch: int = 1,
     cancel: threading.Event | None = None,
     progress: Progress | None = None,
@@ -69,20 +70,33 @@ def run_tiled(
 ) -> np.ndarray:
     """Upscale H×W×3 uint8 or uint16 `pixels` by `model.scale`; the result has their dtype.
 
-    `tile` is the largest core side (0: one full-frame pass). `forward` replaces the call of the
-    model (by default the model itself). `progress` gets (tiles done, tiles in all) after each batch.
-    `spec` replaces the model's tiling spec. A model that samples noise draws it from `seed` (None:
-    a random one); other models ignore it.
+    Either `plan` (a job plan's pass) or `tile`, the largest core side (0: one full-frame pass; a
+    compiled model gets its fixed windows). `forward` replaces the call of the model (by default the
+    model itself). `progress` gets (tiles done, tiles in all) after each batch. `spec` replaces the
+    model's tiling spec. A model that samples noise draws it from `seed` (None: a random one); other
+    models ignore it.
     """
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"expected H×W×3 uint8 or uint16 pixels, got {pixels.shape} {pixels.dtype}")
     height, width = pixels.shape[:2]
-    plan = plan_tiles((width, height), model.scale, tile, spec or model.spec, fixed_window=model.device.type == "cuda")
+    if plan is None:
+        if tile is None:
+            raise ValueError("run_tiled needs a plan or a tile size")
+        plan = plan_tiles((width, height), model.scale, tile, spec or model.spec,
+                          fixed_window=model.compiled is not None)
+    elif plan.size != (width, height) or plan.scale != model.scale:
+        raise ValueError(f"a plan for {plan.size} ×{plan.scale}, given {width}x{height} pixels and a ×{model.scale} "
+                         "model")
     noise = None
     if model.profile.stochastic:
         noise = SeededNoise(secrets.randbits(63) if seed is None else seed, model.descriptor.model)
     run = _Run(pixels, model, forward or model, max(1, batch), counters or Counters(), noise)
     return run.execute(plan, cancel, progress)
+
+
+def band_bytes(rows: int, width: int) -> int:
+    """The float band for `rows` output rows `width` wide: float32 RGB and weight sums, 16 bytes a pixel."""
+    return 16 * rows * width
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -135,7 +149,7 @@ class _Run:
         while index < len(plan.tiles):
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
-            group = plan.tiles[index : index + self.batch]
+            group = _batch_at(plan.tiles, index, self.batch)
             try:
                 outputs, failure = self._run_forward(plan, group), None
             except RuntimeError as error:
@@ -336,6 +350,16 @@ class _Band:
         self.top += count
         self.start += count
         self.rows -= count
+
+
+def _batch_at(tiles: tuple[Tile, ...], start: int, most: int) -> tuple[Tile, ...]:
+    """Up to `most` tiles from `start` whose windows share one shape, so that they stack into one batch."""
+    first = tiles[start].window
+    end = start + 1
+    while end < min(len(tiles), start + most) and (tiles[end].window.width, tiles[end].window.height) == (
+            first.width, first.height):
+        end += 1
+    return tiles[start:end]
 
 
 def _read(pixels: np.ndarray, box: Box) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Models on a device: spandrel loading, the dtype policy, a per-device LRU cache, memory sizing, compilation.
+"""Models on a device: spandrel loading, a per-device LRU cache, memory sizing, compilation.
 
 Memory and speed figures are measured (an H100 with torch 2.11, and 2 CPU threads): an estimate
 picks the tile size, and the executor's halve-on-OOM corrects it when the estimate was wrong.
@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from server.engine import precision
 from server.engine.aura import SeededBatch
+from server.engine.precision import Capabilities, Execution, PrecisionSetting
 from server.engine.tiling import TilingSpec, window_side
 from server.engine.weights import MANIFEST, find_weights
 from server.errors import ApiError
@@ -34,11 +36,10 @@ class ArchProfile:
 
     activations: int  # peak activation elements per window pixel at batch 1 (measured, with allocator slack)
     tiling: TilingSpec
-    supports_half: bool = True
+    capabilities: Capabilities = Capabilities()
     work: float = 1.0  # compute per parameter·pixel, relative to the convolution nets the rates below come from
     max_batch: dict[str, int] | None = None  # windows per pass by device kind; None: MAX_BATCH
     saturating_pixels: int | None = None  # window pixels per pass past which a GPU gains no throughput
-    channels_last: bool = True  # on CUDA
     stochastic: bool = False  # samples noise in its forward pass: seeded per request, never compiled
 
 
@@ -56,22 +57,24 @@ PROFILES: dict[str, ArchProfile] = {
     "ESRGAN": ArchProfile(activations=4400, tiling=TilingSpec(context=32, blend=16), saturating_pixels=512 * 512),
     "Compact": ArchProfile(activations=400, tiling=TilingSpec(context=16, blend=8)),
     "AuraSR": ArchProfile(activations=24000, tiling=TilingSpec(context=0, blend=0, grid=64, shifted_pass=True),
-                          supports_half=False, work=0.3, max_batch={"cuda": 16, "cpu": 4}, channels_last=False,
-                          stochastic=True),
+                          capabilities=Capabilities(half=False, bfloat16=False, fp32_only=True, channels_last=False),
+                          work=0.3, max_batch={"cuda": 16, "cpu": 4}, stochastic=True),
 }
-UNKNOWN_PROFILE = ArchProfile(activations=8000, tiling=TilingSpec(context=16, blend=8), supports_half=False)
+UNKNOWN_PROFILE = ArchProfile(activations=8000, tiling=TilingSpec(context=16, blend=8),
+                              capabilities=Capabilities(half=False))
 
 # Convolution work per input pixel grows with the parameter count, so one rate per device kind
 # covers both families: x4plus (16.7 M params) 128² in 5.3 s and animevideov3 (0.6 M) 240×160 in
-# 0.39 s on 2 CPU threads; 1024² in 0.305 s and 0.019 s on an H100 (fp16, channels_last, eager).
-CPU_RATE_PER_THREAD = 2.6e10  # parameter·pixels per second
+# 0.39 s on 2 CPU threads (fp32 NCHW); 1024² in 0.305 s and 0.019 s on an H100 (fp16, channels_last, eager).
+CPU_RATE_PER_THREAD = 2.6e10  # parameter·pixels per second, fp32 NCHW
+CPU_SPEEDUP = {torch.float32: 1.2, torch.bfloat16: 2.6}  # channels_last, over that rate (x4plus, 2 EPYC cores)
 CUDA_RATE = 4.0e13
 COMPILED_SPEEDUP = 1.5  # max-autotune over eager channels_last on the same H100
 
-MAX_TILE = {"cuda": 512, "cpu": 384}
+MAX_TILE_CUDA = 512
 MAX_BATCH = {"cuda": 4, "cpu": 1}
 TILE_CHOICES = (512, 384, 256, 192, 128, 96, 64, 48, 32, 16)
-_HEADROOM = {"cuda": 0.7, "cpu": 0.4}  # of free memory that one batch may use
+HEADROOM = {"cuda": 0.7, "cpu": 0.4}  # of free memory that one batch may use
 
 
 @dataclass(frozen=True)
@@ -87,26 +90,30 @@ class LoadedModel:
     weight_id: str
     descriptor: spandrel.ImageModelDescriptor
     device: torch.device
-    dtype: torch.dtype
+    execution: Execution
     scale: int  # what the weight delivers
     network_scale: int  # what the network itself does; a smaller `scale` is a bicubic resize after it
     profile: ArchProfile
     spec: TilingSpec
     params: int
     nbytes: int
-    tile: int  # the core side chosen for this device at load time; fixed so that shapes stay fixed
+    tile: int  # on a GPU the largest core side, fixed at load so that shapes stay fixed; 0 on the CPU: no cap
     batch: int  # windows per forward pass
     compiled: CompiledForward | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.execution.dtype
+
+    @property
+    def channels_last(self) -> bool:
+        return self.execution.channels_last
 
     @property
     def batch_shape(self) -> tuple[int, int, int, int]:
         """The shape of a full batch of windows at the chosen tile: what gets compiled."""
         side = window_side(self.tile, self.spec)
         return self.batch, 3, side, side
-
-    @property
-    def channels_last(self) -> bool:
-        return self.device.type == "cuda" and self.profile.channels_last
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1], model dtype and device → (N, 3, H·scale, W·scale) in [0, 1]."""
@@ -124,15 +131,18 @@ class LoadedModel:
         return output.clamp_(0, 1)
 
 
-def pick_dtype(descriptor: spandrel.ModelDescriptor, device: torch.device) -> torch.dtype:
-    """fp16 on CUDA where the architecture takes it, else bf16 where it does, else fp32; fp32 on the CPU."""
-    if device.type != "cuda":
-        return torch.float32
-    if descriptor.supports_half:
-        return torch.float16
-    if descriptor.supports_bfloat16 and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+def profile_of(architecture: str) -> ArchProfile:
+    return PROFILES.get(architecture, UNKNOWN_PROFILE)
+
+
+def execution_for(weight_id: str, device: torch.device, setting: PrecisionSetting,
+                  descriptor: spandrel.ModelDescriptor | None = None) -> Execution:
+    """How a manifest weight runs on `device`: from its profile, and its loaded descriptor when there is one."""
+    capabilities = profile_of(MANIFEST[weight_id].architecture).capabilities
+    if descriptor is not None:
+        capabilities = dataclasses.replace(capabilities, half=capabilities.half and descriptor.supports_half,
+                                           bfloat16=capabilities.bfloat16 and descriptor.supports_bfloat16)
+    return precision.choose(setting, device, capabilities)
 
 
 def fetch_hint(weight_id: str, weights_dir: Path) -> str:
@@ -147,7 +157,8 @@ def offline_hint(weight_id: str, weights_dir: Path) -> str:
     return f"place any {weight.architecture} .safetensors file in {weight.official_path(weights_dir).parent}"
 
 
-def load_model(weight_id: str, weights_dir: Path, device: torch.device) -> LoadedModel:
+def load_model(weight_id: str, weights_dir: Path, device: torch.device,
+               setting: PrecisionSetting = "auto") -> LoadedModel:
     """Load a manifest weight onto `device`; a missing or broken file is a 503 that says how to fix it."""
     weight = MANIFEST[weight_id]
     path = find_weights(weight_id, weights_dir)
@@ -166,17 +177,17 @@ def load_model(weight_id: str, weights_dir: Path, device: torch.device) -> Loade
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.input_channels != 3 \
             or descriptor.output_channels != 3:
         raise _corrupt(weight_id, weights_dir, path, "it is not an RGB image-to-image network")
-    dtype = pick_dtype(descriptor, device)
-    descriptor.to(device, dtype).eval()
-    profile = PROFILES.get(descriptor.architecture.id, UNKNOWN_PROFILE)
-    if device.type == "cuda" and profile.channels_last:
+    execution = execution_for(weight_id, device, setting, descriptor)
+    descriptor.to(device, execution.dtype).eval()
+    if execution.channels_last:
         descriptor.model.to(memory_format=torch.channels_last)
+    profile = profile_of(descriptor.architecture.id)
     requirements = descriptor.size_requirements
     spec = dataclasses.replace(profile.tiling, multiple_of=requirements.multiple_of, minimum=requirements.minimum)
     params = sum(p.numel() for p in descriptor.model.parameters())
     nbytes = sum(t.numel() * t.element_size() for t in (*descriptor.model.parameters(), *descriptor.model.buffers()))
-    tile, batch = choose_tiling(profile, spec, dtype, device, free_memory(device))
-    return LoadedModel(weight_id, descriptor, device, dtype, weight.scale, weight.network_scale, profile, spec,
+    tile, batch = choose_tiling(profile, spec, execution.dtype, device, free_memory(device))
+    return LoadedModel(weight_id, descriptor, device, execution, weight.scale, weight.network_scale, profile, spec,
                        params, nbytes, tile, batch)
 
 
@@ -193,8 +204,11 @@ def parameter_count(weight_id: str, weights_dir: Path) -> int | None:
         return None
     if path.suffix != ".safetensors":
         return path.stat().st_size // 4
-    with safe_open(str(path), framework="pt") as handle:
-        return sum(_numel(handle.get_slice(key).get_shape()) for key in handle.keys())
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return sum(_numel(handle.get_slice(key).get_shape()) for key in handle.keys())
+    except Exception:  # a broken file: loading it will say what is wrong
+        return None
 
 
 def _numel(shape: list[int]) -> int:
@@ -207,11 +221,12 @@ def _numel(shape: list[int]) -> int:
 class ModelCache:
     """Loaded models of one device, least recently used first out once they exceed `budget` bytes."""
 
-    def __init__(self, device: torch.device, weights_dir: Path, budget: int,
+    def __init__(self, device: torch.device, weights_dir: Path, budget: int, setting: PrecisionSetting = "auto",
                  on_load: Callable[[LoadedModel], None] | None = None) -> None:
         self.device = device
         self.weights_dir = weights_dir
         self.budget = budget
+        self.precision = setting
         self._on_load = on_load
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
@@ -222,7 +237,7 @@ class ModelCache:
             if model is not None:
                 self._models.move_to_end(weight_id)
                 return model
-            model = load_model(weight_id, self.weights_dir, self.device)
+            model = load_model(weight_id, self.weights_dir, self.device, self.precision)
             self._models[weight_id] = model
             self._evict(keep=weight_id)
         if self._on_load is not None:
@@ -277,31 +292,36 @@ def batch_bytes(profile: ArchProfile, dtype: torch.dtype, window: tuple[int, int
 
 def choose_tiling(profile: ArchProfile, spec: TilingSpec, dtype: torch.dtype, device: torch.device,
                   free: int) -> tuple[int, int]:
-    """The largest tile (and then batch) whose forward pass fits in a share of `free` bytes; a grid's own tile.
+    """(largest core side, windows per pass) for a device, fixed at load time.
 
-    On a GPU the batch also stops where the architecture's throughput stops growing.
+    On a GPU: the largest tile, then batch, whose forward pass fits in a share of `free` bytes, the
+    batch stopping where the architecture's throughput stops growing. On the CPU no tile is fixed
+    (0): each job's plan cuts the fewest tiles its memory allows. A grid's tile is its own.
     """
-    usable = free * _HEADROOM[device.type]
+    most = (profile.max_batch or MAX_BATCH)[device.type]
+    if device.type != "cuda" and not spec.grid:
+        return 0, most
+    usable = free * HEADROOM[device.type]
     if spec.grid:
         tile = spec.grid
     else:
-        tile = next((t for t in TILE_CHOICES if t <= MAX_TILE[device.type]
+        tile = next((t for t in TILE_CHOICES if t <= MAX_TILE_CUDA
                      and batch_bytes(profile, dtype, (window_side(t, spec),) * 2, 1) <= usable), TILE_CHOICES[-1])
     window = window_side(tile, spec)
     per_tile = batch_bytes(profile, dtype, (window, window), 1)
-    most = (profile.max_batch or MAX_BATCH)[device.type]
     if device.type == "cuda" and profile.saturating_pixels:
         most = min(most, max(1, profile.saturating_pixels // window**2))
     batch = int(max(1, min(most, usable // per_tile)))
     return tile, batch
 
 
-def seconds_for(params: int, window_pixels: int, device: torch.device, compiled: bool = False,
+def seconds_for(params: int, window_pixels: int, device: torch.device, dtype: torch.dtype, compiled: bool = False,
                 work: float = 1.0) -> float:
     """A rough running time for `window_pixels` input pixels through a network of `params` parameters."""
     if device.type == "cuda":
         return work * params * window_pixels / (CUDA_RATE * (COMPILED_SPEEDUP if compiled else 1.0))
-    return work * params * window_pixels / (CPU_RATE_PER_THREAD * torch.get_num_threads())
+    rate = CPU_RATE_PER_THREAD * torch.get_num_threads() * CPU_SPEEDUP.get(dtype, 1.0)
+    return work * params * window_pixels / rate
 
 
 def compile_model(model: LoadedModel, cache_dir: Path) -> None:

@@ -59,12 +59,12 @@ def model_runs(picture_channels: int, alpha_is_constant: bool, passes: list[int]
     return len(passes) * (2 if has_alpha and not alpha_is_constant else 1)
 
 
-def upscale_picture(picture: Picture, target: tuple[int, int], natives: Sequence[int], run_rgb: RunRgb) -> Picture:
-    """`picture` upscaled to exactly `target` (width, height), same channels, bit depth and ICC profile."""
+def upscale_picture(picture: Picture, target: tuple[int, int], passes: Sequence[int], run_rgb: RunRgb) -> Picture:
+    """`picture` through the native `passes` (a job plan's, see `plan_passes`), resampled to exactly `target`
+    (width, height); same channels, bit depth and ICC profile."""
     width, height = target
-    if width < 1 or height < 1:
-        raise ValueError(f"target size {target} is empty")
-    passes = plan_passes(max(width / picture.width, height / picture.height), natives)
+    if width < 1 or height < 1 or not passes:
+        raise ValueError(f"target size {target} is empty, or no passes given")
 
     def upscale_rgb(rgb: np.ndarray) -> np.ndarray:
         return _run_passes(rgb, passes, target, run_rgb)
@@ -82,7 +82,7 @@ def upscale_picture(picture: Picture, target: tuple[int, int], natives: Sequence
     return Picture(out, picture.icc_profile)
 
 
-def _run_passes(rgb: np.ndarray, passes: list[int], target: tuple[int, int], run_rgb: RunRgb) -> np.ndarray:
+def _run_passes(rgb: np.ndarray, passes: Sequence[int], target: tuple[int, int], run_rgb: RunRgb) -> np.ndarray:
     width, height = target
     for scale in passes:
         expected = (rgb.shape[0] * scale, rgb.shape[1] * scale, 3)

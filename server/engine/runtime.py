@@ -17,26 +17,26 @@ import numpy as np
 import torch
 
 from server.catalog import MODELS, ModelEntry
-from server.config import Settings
+from server.config import Settings, SettingsError
+from server.engine import precision
 from server.engine.devices import DeviceWorker
 from server.engine.executor import run_tiled
 from server.engine.models import (
-    PROFILES,
-    UNKNOWN_PROFILE,
-    ArchProfile,
     LoadedModel,
     ModelCache,
-    batch_bytes,
     cache_budget,
     choose_tiling,
     compile_model,
+    execution_for,
     free_memory,
     offline_hint,
     parameter_count,
-    seconds_for,
+    profile_of,
 )
-from server.engine.pipeline import constant_alpha, model_runs, plan_passes, upscale_picture
-from server.engine.tiling import Plan, TilingSpec, plan_tiles
+from server.engine.pipeline import upscale_picture
+from server.engine.planning import JobPlan, ModelFacts, PictureFacts, plan_job
+from server.engine.precision import Execution
+from server.engine.tiling import TilingSpec
 from server.engine.weights import MANIFEST, find_weights
 from server.errors import ApiError
 from server.imaging import Picture
@@ -53,28 +53,21 @@ def visible_devices(setting: str) -> list[torch.device]:
     if torch.cuda.is_available():
         return [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
     if setting == "cuda":
-        raise ValueError("LOUPE_DEVICE=cuda, but torch sees no CUDA device")
+        raise SettingsError("LOUPE_DEVICE=cuda, but torch sees no CUDA device")
     return [torch.device("cpu")]
 
 
-@dataclass(frozen=True)
-class _Sizing:
-    """What a dry-run plan needs to know about a model, loaded or not."""
-
-    tile: int
-    batch: int
-    spec: TilingSpec
-    profile: ArchProfile
-    dtype: torch.dtype
-    params: int
-    nbytes: int
-    compiled: bool
+def engine_devices(settings: Settings) -> list[torch.device]:
+    """The devices the engine will use; a setting no device here can honour is a ValueError, at start-up."""
+    devices = visible_devices(settings.device)
+    precision.check_setting(settings.precision, devices)
+    return devices
 
 
 class LocalEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        devices = visible_devices(settings.device)
+        devices = engine_devices(settings)
         self._compiling = settings.compile and devices[0].type == "cuda"
         # Background work (loading, compiling), one item at a time; None stops the thread.
         self._background: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -82,7 +75,7 @@ class LocalEngine:
         on_load = self._queue_compile if self._compiling else None
         self.workers = [
             DeviceWorker(device, ModelCache(device, settings.weights_dir, cache_budget(device, settings.vram_budget),
-                                            on_load), settings.queue_size)
+                                            settings.precision, on_load), settings.queue_size)
             for device in devices
         ]
         self.device_name = _describe(devices)
@@ -124,52 +117,33 @@ class LocalEngine:
         """Every device's queue is full."""
         return all(worker.full for worker in self.workers)
 
-    def plan(self, entry: ModelEntry, size: tuple[int, int], target: tuple[int, int], channels: int) -> dict[str, Any]:
-        """A dry run: passes, device, dtype, tiles, rough peak memory and time; loads and runs nothing."""
-        assert entry.local is not None
-        worker = self._least_busy()
-        passes = plan_passes(max(target[0] / size[0], target[1] / size[1]), entry.local.native_scales)
-        runs = model_runs(channels, False, passes)
-        runs_per_pass = runs // len(passes)
-        steps: list[dict[str, Any]] = []
-        dtypes: set[str] = set()
-        seconds, device_peak, host_peak = 0.0, 0, 0
-        width, height = size
-        on_gpu = worker.device.type == "cuda"
-        for native in passes:
-            weight_id = entry.local.weights[native]
-            sizing = self._sizing(worker, weight_id)
-            plan = plan_tiles((width, height), native, sizing.tile, sizing.spec, fixed_window=on_gpu)
-            dtypes.add(str(sizing.dtype).removeprefix("torch."))
-            band = _band_bytes(plan)
-            device_peak = max(device_peak, sizing.nbytes + batch_bytes(sizing.profile, sizing.dtype, plan.window,
-                                                                        sizing.batch) + (band if on_gpu else 0))
-            host_peak = max(host_peak, _image_bytes(plan) + (0 if on_gpu else band))
-            seconds += runs_per_pass * seconds_for(sizing.params, plan.window_pixels, worker.device, sizing.compiled,
-                                                   sizing.profile.work)
-            steps.append({"scale": native, "weights": weight_id, "input": [width, height],
-                          "output": [width * native, height * native], "tile": sizing.tile, "batch": sizing.batch,
-                          "tiles": len(plan.tiles), "model_runs": runs_per_pass})
-            width, height = width * native, height * native
-        return {
-            "device": str(worker.device),
-            "device_name": self.device_name,
-            "dtype": ", ".join(sorted(dtypes)) or None,
-            "passes": steps,
-            "model_runs": runs,
-            "estimated_peak_device_bytes": device_peak,
-            "estimated_peak_host_bytes": host_peak,
-            "estimated_seconds": round(seconds, 2),
-        }
+    def execution(self, entry: ModelEntry) -> Execution | None:
+        """How `entry`'s first weight runs on the first device: what /v1/models shows."""
+        if entry.local is None:
+            return None
+        worker = self.workers[0]
+        weight_id = entry.local.weights[entry.local.native_scales[-1]]
+        loaded = worker.cache.peek(weight_id)
+        return loaded.execution if loaded is not None else execution_for(weight_id, worker.device,
+                                                                          self.settings.precision)
 
-    async def upscale(self, entry: ModelEntry, picture: Picture, target: tuple[int, int], *, seed: int | None = None,
+    def plan(self, entry: ModelEntry, picture: PictureFacts | Picture, target: tuple[int, int], n: int = 1) -> JobPlan:
+        """The one plan of a job, on the least busy device: what the dry run shows and `upscale` runs. Loads nothing."""
+        assert entry.local is not None
+        facts = picture if isinstance(picture, PictureFacts) else PictureFacts.of(picture)
+        worker = self._least_busy()
+        return plan_job(entry.id, entry.local, facts, target, n, device=worker.device, device_name=self.device_name,
+                        facts=lambda weight_id: self._facts(worker, weight_id), free_memory=free_memory(worker.device),
+                        tile_size=self.settings.tile_size)
+
+    async def upscale(self, plan: JobPlan, picture: Picture, *, seed: int | None = None,
                       progress: Progress | None = None, cancel: threading.Event | None = None) -> Picture:
-        """Run on the least busy device. Cancelling the awaiting task cancels the job, queued or between tiles.
+        """Run one image of `plan`. Cancelling the awaiting task cancels the job, queued or between tiles.
 
         ESRGAN models are deterministic: `seed` matters only to AuraSR, which samples noise (None: a random seed).
         """
         cancel = cancel or threading.Event()
-        future = self._submit(entry, picture, target, seed, progress, cancel)
+        future = self._submit(plan, picture, seed, progress, cancel)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -177,10 +151,10 @@ class LocalEngine:
             future.cancel()
             raise
 
-    def upscale_sync(self, entry: ModelEntry, picture: Picture, target: tuple[int, int], *, seed: int | None = None,
+    def upscale_sync(self, plan: JobPlan, picture: Picture, *, seed: int | None = None,
                      progress: Progress | None = None, cancel: threading.Event | None = None) -> Picture:
         """`upscale` for callers without an event loop (the CLI)."""
-        return self._submit(entry, picture, target, seed, progress, cancel or threading.Event()).result()
+        return self._submit(plan, picture, seed, progress, cancel or threading.Event()).result()
 
     def stats(self) -> dict[str, float | int | None]:
         """Counters and gauges for /metrics."""
@@ -198,73 +172,52 @@ class LocalEngine:
     def _least_busy(self) -> DeviceWorker:
         return min(self.workers, key=lambda worker: worker.depth)
 
-    def _submit(self, entry: ModelEntry, picture: Picture, target: tuple[int, int], seed: int | None,
-                progress: Progress | None, cancel: threading.Event) -> Future[Picture]:
+    def _submit(self, plan: JobPlan, picture: Picture, seed: int | None, progress: Progress | None,
+                cancel: threading.Event) -> Future[Picture]:
+        entry = next(e for e in MODELS if e.id == plan.model)
         reason = self.unavailable_reason(entry)
         if reason is not None:
             raise ApiError(503, reason, param="model", code="MODEL_UNAVAILABLE", retryable=False)
+        if (picture.width, picture.height) != plan.passes[0].input_size:
+            raise ValueError(f"a {picture.width}x{picture.height} picture for a plan made for "
+                             f"{plan.passes[0].input_size}")
         # One seed for every model run of the job: the runs over black and over white must draw the same noise.
         seed = secrets.randbits(63) if seed is None else seed
-        return self._least_busy().submit(functools.partial(self._run, entry, picture, target, seed, progress, cancel))
+        worker = next(w for w in self.workers if w.device == plan.device)
+        return worker.submit(functools.partial(self._run, plan, picture, seed, progress, cancel))
 
-    def _run(self, entry: ModelEntry, picture: Picture, target: tuple[int, int], seed: int, progress: Progress | None,
-             cancel: threading.Event, worker: DeviceWorker) -> Picture:
-        """One job, on `worker`'s thread."""
-        assert entry.local is not None
-        weights = entry.local.weights
-        tally = _Tally(progress, self._expected_tiles(worker, entry, picture, target))
+    def _run(self, plan: JobPlan, picture: Picture, seed: int, progress: Progress | None, cancel: threading.Event,
+             worker: DeviceWorker) -> Picture:
+        """One image of the plan, on `worker`'s thread."""
+        tally = _Tally(progress, plan.tiles_per_image)
+        # A varying alpha runs every pass twice (over black, then over white); the input size tells the pass.
+        passes = {(p.input_size, p.scale): p for p in plan.passes}
 
-        def run_rgb(pixels: np.ndarray, native_scale: int) -> np.ndarray:
-            model = worker.cache.get(weights[native_scale])
-            return run_tiled(pixels, model, tile=self._tile(model), batch=model.batch, cancel=cancel,
-                             progress=tally.next_run(), counters=worker.counters, spec=self._spec(model.spec),
-                             seed=seed)
+        def run_rgb(pixels: np.ndarray, scale: int) -> np.ndarray:
+            step = passes[(pixels.shape[1], pixels.shape[0]), scale]
+            model = worker.cache.get(step.weight_id)
+            return run_tiled(pixels, model, plan=step.tiles, batch=step.batch, cancel=cancel,
+                             progress=tally.next_run(), counters=worker.counters, seed=seed)
 
-        return upscale_picture(picture, target, entry.local.native_scales, run_rgb)
+        return upscale_picture(picture, plan.target, [p.scale for p in plan.passes], run_rgb)
 
-    def _expected_tiles(self, worker: DeviceWorker, entry: ModelEntry, picture: Picture,
-                        target: tuple[int, int]) -> int:
-        """Tiles of every model run the job is expected to make, for a progress total that does not jump."""
-        assert entry.local is not None
-        width, height = picture.width, picture.height
-        passes = plan_passes(max(target[0] / width, target[1] / height), entry.local.native_scales)
-        runs_per_pass = model_runs(picture.channels, constant_alpha(picture) is not None, passes) // len(passes)
-        total = 0
-        for native in passes:
-            model = worker.cache.get(entry.local.weights[native])
-            plan = plan_tiles((width, height), native, self._tile(model), self._spec(model.spec),
-                              fixed_window=worker.device.type == "cuda")
-            total += runs_per_pass * len(plan.tiles)
-            width, height = width * native, height * native
-        return total
-
-    def _tile(self, model: LoadedModel) -> int:
-        """LOUPE_TILE_SIZE when set (0: full frame), else what was chosen for the model's device at load.
-
-        A grid model (AuraSR) always runs its native tile.
-        """
-        return model.tile if self.settings.tile_size is None or model.spec.grid else self.settings.tile_size
+    def _facts(self, worker: DeviceWorker, weight_id: str) -> ModelFacts:
+        """From the loaded model if there is one, else from its architecture's profile and its file's header."""
+        model = worker.cache.peek(weight_id)
+        if model is not None:
+            return ModelFacts(weight_id, model.profile, self._spec(model.spec), model.execution, model.params,
+                              model.nbytes, model.tile, model.batch, model.compiled is not None)
+        profile = profile_of(MANIFEST[weight_id].architecture)
+        device = worker.device
+        execution = execution_for(weight_id, device, self.settings.precision)
+        tile, batch = choose_tiling(profile, profile.tiling, execution.dtype, device, free_memory(device))
+        params = parameter_count(weight_id, self.settings.weights_dir) or 0
+        return ModelFacts(weight_id, profile, self._spec(profile.tiling), execution, params,
+                          params * execution.dtype.itemsize, tile, batch, False)
 
     def _spec(self, spec: TilingSpec) -> TilingSpec:
         """The tiling as configured: LOUPE_AURA_OVERLAP turns a grid's shifted second pass on or off."""
         return dataclasses.replace(spec, shifted_pass=self.settings.aura_overlap) if spec.grid else spec
-
-    def _sizing(self, worker: DeviceWorker, weight_id: str) -> _Sizing:
-        """From the loaded model if there is one, else from its architecture's profile and its file's header."""
-        override = self.settings.tile_size
-        model = worker.cache.peek(weight_id)
-        if model is not None:
-            tile = self._tile(model)
-            return _Sizing(tile, model.batch if tile else 1, self._spec(model.spec), model.profile, model.dtype,
-                           model.params, model.nbytes, model.compiled is not None)
-        profile = PROFILES.get(MANIFEST[weight_id].architecture, UNKNOWN_PROFILE)
-        device = worker.device
-        dtype = torch.float16 if device.type == "cuda" and profile.supports_half else torch.float32
-        tile, batch = choose_tiling(profile, profile.tiling, dtype, device, free_memory(device))
-        if override is not None and not profile.tiling.grid:
-            tile, batch = override, batch if override else 1
-        params = parameter_count(weight_id, self.settings.weights_dir) or 0
-        return _Sizing(tile, batch, self._spec(profile.tiling), profile, dtype, params, params * dtype.itemsize, False)
 
     def _queue_compile(self, model: LoadedModel) -> None:
         # Without start() (the CLI) everything stays eager; a compiled AuraSR would draw its own noise.
@@ -320,14 +273,3 @@ def _describe(devices: list[torch.device]) -> str:
     if len(names) == 1:
         return names[0]
     return f"{len(names)}× {names[0]}" if len(set(names)) == 1 else ", ".join(names)
-
-
-def _image_bytes(plan: Plan) -> int:
-    """The 8-bit input and output of one model run, on the host."""
-    out_width, out_height = plan.output_size
-    return 3 * (plan.size[0] * plan.size[1] + out_width * out_height)
-
-
-def _band_bytes(plan: Plan) -> int:
-    """The executor's float band, on the model's device: about one row of tile outputs, 16 bytes a pixel."""
-    return 16 * plan.scale * plan.window[1] * plan.output_size[0]

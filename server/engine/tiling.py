@@ -3,16 +3,22 @@
 Pure arithmetic on sizes (numpy for the blend ramps, no torch), so every property is unit-testable.
 
 The image is cut into *cores*: a grid of equal-sized rectangles (sizes differ by at most one
-pixel: 1200 px with 1024-px tiles makes two 600-px cores, not 1024 + 176). Each tile reads a
-*window*: its core grown by `context` pixels on every side (pixels past the image border are
-read reflected, so border tiles see what a reflect-padded full frame sees). Every window of a
-plan has the same shape, which keeps batches and compiled kernels on fixed shapes.
+pixel: 1200 px with 1024-px tiles makes two 600-px cores, not 1024 + 176). `fewest_tiles`
+chooses the grid first, for the least work that fits a window budget; `plan_tiles` cuts it.
+Each tile reads a *window*: its core grown by `context` pixels on every side that meets
+another tile. At the image's own border a window stops, as the image does, so a border tile
+sees what a full-frame pass sees there. Only to meet a size requirement (a multiple, a minimum)
+do windows read past the border, reflected.
+
+With `fixed_window`, for a compiled shape, every window is `tile + 2 * context` (rounded to the
+size requirement): windows near the border slide inwards instead of shrinking, and read more of
+the image. Along an axis shorter than that, the window is the whole axis.
 
 A tile pastes its core grown by `blend` pixels on each side that has a neighbour, weighted by a
 raised-sine ramp that crosses 0.5 on the core border. The outer `context - blend` pixels of every
-window, the ones that saw too little of the image, are never used. The executor divides the sum
-of weighted tiles by the sum of weights, so tiles of different sizes (after an out-of-memory
-re-plan) blend just as well as those of one grid.
+window's inner sides, the ones that saw too little of the image, are never used. The executor
+divides the sum of weighted tiles by the sum of weights, so tiles of different sizes (after an
+out-of-memory re-plan) blend just as well as those of one grid.
 
 A *grid* spec (AuraSR) plans otherwise: every window is exactly the model's native tile, laid on
 a fixed grid from the top-left corner, without context. With `shifted_pass`, a second grid offset
@@ -25,6 +31,7 @@ longer change (`flush_after`), so the executor keeps only a band of rows in floa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -88,11 +95,11 @@ class Tile:
 class Plan:
     size: tuple[int, int]  # image width, height
     scale: int
-    tile: int  # the largest core side this plan was cut with
+    tile: int  # the largest core side of this plan
     spec: TilingSpec
     fixed_window: bool
     regions: tuple[Box, ...]  # areas cut into grids of cores, in processing order
-    window: tuple[int, int]  # width, height shared by every window
+    window: tuple[int, int]  # width, height of the largest window (of every window, when fixed)
     tiles: tuple[Tile, ...]  # in processing order: region by region, row by row
     flush_after: tuple[int, ...]  # output rows that are final once tiles[: i + 1] are done
 
@@ -108,7 +115,7 @@ class Plan:
     @property
     def window_pixels(self) -> int:
         """Input pixels the model runs on, context included: what the work costs."""
-        return len(self.tiles) * self.window[0] * self.window[1]
+        return sum(t.window.width * t.window.height for t in self.tiles)
 
     def crop(self, tile: Tile) -> tuple[slice, slice]:
         """(rows, columns) of the window's output that `tile` pastes."""
@@ -118,22 +125,60 @@ class Plan:
 
 
 def plan_tiles(
-    size: tuple[int, int], scale: int, tile: int, spec: TilingSpec = TilingSpec(), *, fixed_window: bool = False
+    size: tuple[int, int], scale: int, tile: int | tuple[int, int], spec: TilingSpec = TilingSpec(), *,
+    fixed_window: bool = False,
 ) -> Plan:
-    """Plan a whole image. `tile` is the largest core side; 0 means one full-frame tile.
+    """Plan a whole image. `tile` is the largest core side, or (columns, rows) of cores; 0 is one full-frame tile.
 
-    `fixed_window` makes every window exactly `tile + 2 * context` (rounded to the size
-    requirement) even when the image is smaller, so a device always sees one shape. A grid spec
+    `fixed_window` makes every window `tile + 2 * context` (rounded to the size requirement) along
+    each axis at least that long, so that a compiled model always sees its shape. A grid spec
     ignores both: its windows are always its grid side.
     """
     width, height = size
-    if width < 1 or height < 1 or scale < 1 or tile < 0:
-        raise ValueError(f"can't plan {width}x{height} at x{scale} with {tile}-px tiles")
+    counts = tile if isinstance(tile, tuple) else (1, 1) if tile == 0 else None
+    if width < 1 or height < 1 or scale < 1 or (counts is None and tile < 0) or (counts and min(counts) < 1):
+        raise ValueError(f"can't plan {width}x{height} at x{scale} with tiles {tile}")
     if spec.grid:
         return _plan_grid(size, scale, spec)
-    if tile == 0:
-        tile, fixed_window = max(width, height), False
-    return _plan_regions(size, scale, tile, spec, fixed_window, [Box(0, 0, width, height)])
+    region = Box(0, 0, width, height)
+    if counts is not None:
+        return _plan_regions(size, scale, spec, None, [(region, _borders(width, counts[0]),
+                                                         _borders(height, counts[1]))])
+    assert isinstance(tile, int)
+    return _plan_regions(size, scale, spec, tile if fixed_window else None,
+                         [(region, split(width, tile), split(height, tile))])
+
+
+def fewest_tiles(size: tuple[int, int], spec: TilingSpec, fits: Callable[[int, int], bool],
+                 max_core: int | None = None) -> tuple[int, int]:
+    """(columns, rows) of cores that run the least window pixels in all, each window (width, height) one that `fits`.
+
+    For each column count it takes the fewest rows that fit: the least work, except where rounding
+    windows up to a size requirement's multiple makes one more row a little cheaper.
+
+    `fits` must hold for any window no larger than one that fits. Cores are at most `max_core` on
+    a side when it is set. One full frame when it fits; when even 16-px cores don't fit, the grid
+    of 16-px cores (the executor's out-of-memory recovery takes over).
+    """
+    width, height = size
+    most_x, most_y = (max(1, math.ceil(side / _SMALLEST_CORE)) for side in size)
+    least_x, least_y = (1, 1) if max_core is None else (math.ceil(width / max_core), math.ceil(height / max_core))
+    best: tuple[int, int, int] | None = None  # window pixels in all, tiles, columns
+    best_rows = most_y
+    for columns in range(min(least_x, most_x), most_x + 1):
+        largest_x, total_x = _axis_extent(width, columns, spec)
+        if best is not None and total_x * height > best[0]:
+            break  # every window covers at least the image's rows: more columns only cost more
+        rows = _fewest_rows(height, spec, least_y, most_y, lambda extent: fits(largest_x, extent))
+        if rows is None:
+            continue
+        _, total_y = _axis_extent(height, rows, spec)
+        candidate = (total_x * total_y, columns * rows, columns)
+        if best is None or candidate < best:
+            best, best_rows = candidate, rows
+    if best is None:
+        return most_x, most_y
+    return best[2], best_rows
 
 
 def plan_remaining(plan: Plan, failed: int, tile: int) -> Plan:
@@ -154,45 +199,98 @@ def plan_remaining(plan: Plan, failed: int, tile: int) -> Plan:
         Box(region.x0, core.y1, region.x1, region.y1),
         *plan.regions[index + 1 :],
     ]
-    return _plan_regions(plan.size, plan.scale, tile, plan.spec, plan.fixed_window, regions)
+    cuts = [(r, split(r.width, tile), split(r.height, tile)) for r in regions if not r.empty]
+    return _plan_regions(plan.size, plan.scale, plan.spec, tile if plan.fixed_window else None, cuts)
 
 
 def split(length: int, tile: int) -> list[int]:
     """Core borders along one side: ceil(length / tile) parts of equal size (±1), as offsets from 0 to length."""
-    count = max(1, math.ceil(length / tile))
-    return [length * i // count for i in range(count + 1)]
+    return _borders(length, math.ceil(length / tile))
 
 
 def window_side(core: int, spec: TilingSpec) -> int:
-    """The window side that holds a `core`-px core with its context, rounded to the size requirement."""
-    side = max(core + 2 * spec.context, spec.minimum)
+    """The window side that holds a `core`-px core with its context on both sides, rounded to the size requirement."""
+    return _required(core + 2 * spec.context, spec)
+
+
+_SMALLEST_CORE = 16  # cores below this cost more in context than they save in memory
+
+
+def _borders(length: int, count: int) -> list[int]:
+    count = max(1, min(count, length))
+    return [length * i // count for i in range(count + 1)]
+
+
+def _required(side: int, spec: TilingSpec) -> int:
+    side = max(side, spec.minimum)
     return -(-side // spec.multiple_of) * spec.multiple_of
 
 
-def _plan_regions(
-    size: tuple[int, int], scale: int, tile: int, spec: TilingSpec, fixed_window: bool, regions: list[Box]
-) -> Plan:
-    regions = [r for r in regions if not r.empty]
-    grids = [(split(r.width, tile), split(r.height, tile)) for r in regions]
-    if fixed_window:
-        window = (window_side(tile, spec),) * 2
-    else:
-        longest = [max(b - a for a, b in zip(cuts, cuts[1:])) for xs, ys in grids for cuts in (xs, ys)]
-        window = (window_side(max(longest[0::2], default=0), spec), window_side(max(longest[1::2], default=0), spec))
+def _axis_extent(length: int, count: int, spec: TilingSpec) -> tuple[int, int]:
+    """(largest, total) window extent of `count` cores along an axis `length` long."""
+    borders = _borders(length, count)
+    extents = [hi - lo for lo, hi in (_window_span(a, b, length, spec, None) for a, b in zip(borders, borders[1:]))]
+    return max(extents), sum(extents)
+
+
+def _fewest_rows(height: int, spec: TilingSpec, least: int, most: int, fits: Callable[[int], bool]) -> int | None:
+    """The fewest rows, from `least` to `most`, whose tallest window `fits`; None if none does."""
+    if least > most or not fits(_axis_extent(height, most, spec)[0]):
+        return None
+    while least < most:  # the tallest window never grows with more rows
+        middle = (least + most) // 2
+        if fits(_axis_extent(height, middle, spec)[0]):
+            most = middle
+        else:
+            least = middle + 1
+    return least
+
+
+def _window_span(start: int, end: int, length: int, spec: TilingSpec, fixed: int | None) -> tuple[int, int]:
+    """The input span [lo, hi) a core [start, end) reads along an axis `length` long.
+
+    Context where the core meets another core, none past the image; a fixed span slides inwards.
+    Only a size requirement the image itself can't meet reads past its border.
+    """
+    if fixed is not None and fixed <= length:
+        lo = min(max(start - spec.context, 0), length - fixed)
+        return lo, lo + fixed
+    lo = max(start - spec.context, 0)
+    hi = min(end + spec.context, length)
+    missing = _required(hi - lo, spec) - (hi - lo)
+    grown = min(missing, length - hi)  # into the image first, after the core
+    hi += grown
+    earlier = min(missing - grown, lo)  # then before it
+    lo -= earlier
+    return lo, hi + missing - grown - earlier  # the rest past the border, read reflected
+
+
+def _plan_regions(size: tuple[int, int], scale: int, spec: TilingSpec, fixed_tile: int | None,
+                  cuts: list[tuple[Box, list[int], list[int]]]) -> Plan:
+    """Tiles for each (region, column borders, row borders); windows of `fixed_tile`'s side when it is set."""
+    largest_core = max(b - a for _, xs, ys in cuts for borders in (xs, ys) for a, b in zip(borders, borders[1:]))
+    fixed = None if fixed_tile is None else window_side(fixed_tile, spec)
     tiles: list[Tile] = []
-    for index, (region, (xs, ys)) in enumerate(zip(regions, grids)):
+    for index, (region, xs, ys) in enumerate(cuts):
         # One blend width per grid axis, so that neighbouring ramps mirror each other exactly.
-        half_x, half_y = (min(spec.blend, min(b - a for a, b in zip(cuts, cuts[1:])) // 2) for cuts in (xs, ys))
+        half_x, half_y = (min(spec.blend, min(b - a for a, b in zip(borders, borders[1:])) // 2)
+                          for borders in (xs, ys))
         for top, bottom in zip(ys, ys[1:]):
-            y0, y1, weight_y = _axis(region.y0 + top, region.y0 + bottom, size[1], scale, half_y)
+            core_y0, core_y1 = region.y0 + top, region.y0 + bottom
+            y0, y1, weight_y = _axis(core_y0, core_y1, size[1], scale, half_y)
+            reads_y = _window_span(core_y0, core_y1, size[1], spec, fixed)
             for left, right in zip(xs, xs[1:]):
-                x0, x1, weight_x = _axis(region.x0 + left, region.x0 + right, size[0], scale, half_x)
-                core = Box(region.x0 + left, region.y0 + top, region.x0 + right, region.y0 + bottom)
-                reads = Box(core.x0 - spec.context, core.y0 - spec.context,
-                            core.x0 - spec.context + window[0], core.y0 - spec.context + window[1])
+                core_x0, core_x1 = region.x0 + left, region.x0 + right
+                x0, x1, weight_x = _axis(core_x0, core_x1, size[0], scale, half_x)
+                reads_x = _window_span(core_x0, core_x1, size[0], spec, fixed)
+                core = Box(core_x0, core_y0, core_x1, core_y1)
+                reads = Box(reads_x[0], reads_y[0], reads_x[1], reads_y[1])
                 tiles.append(Tile(core, reads, Box(x0, y0, x1, y1), weight_x, weight_y, index))
+    window = (max(t.window.width for t in tiles), max(t.window.height for t in tiles))
     open_rows = _suffix_min([t.paste.y0 for t in tiles] + [size[1] * scale])
-    return Plan(size, scale, tile, spec, fixed_window, tuple(regions), window, tuple(tiles), tuple(open_rows[1:]))
+    regions = tuple(region for region, _, _ in cuts)
+    return Plan(size, scale, fixed_tile or largest_core, spec, fixed_tile is not None, regions, window, tuple(tiles),
+                tuple(open_rows[1:]))
 
 
 def _plan_grid(size: tuple[int, int], scale: int, spec: TilingSpec) -> Plan:

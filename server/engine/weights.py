@@ -148,21 +148,22 @@ class WeightStatus:
     source: Source | None
     origins: tuple[str, ...]
     note: str = ""  # what `ensure` did, when it did something
+    runs_as: str = ""  # how the engine would run it here, e.g. "cpu bf16 channels_last"
 
-    def row(self) -> tuple[str, str, str, str, str]:
-        """id, state, size, path, and the note or where a missing file would come from."""
+    def row(self) -> tuple[str, str, str, str, str, str]:
+        """id, state, size, how it runs, path, and the note or where a missing file would come from."""
         size = f"{self.size_bytes / 1e6:.1f} MB" if self.size_bytes is not None else "-"
         state = self.source if self.present and self.source else "missing"
         detail = self.note or ("" if self.present else "from " + " or ".join(self.origins or ("nowhere",)))
-        return self.id, state, size, str(self.path or "-"), detail
+        return self.id, state, size, self.runs_as or "-", str(self.path or "-"), detail
 
 
 def format_table(statuses: Iterable[WeightStatus]) -> str:
     """Aligned text table of statuses, one weight a line."""
-    rows = [("weight", "state", "size", "path", ""), *(status.row() for status in statuses)]
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    rows = [("weight", "state", "size", "runs as", "path", ""), *(status.row() for status in statuses)]
+    widths = [max(len(row[column]) for row in rows) for column in range(5)]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + (f"  {row[4]}" if row[4] else "")
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths)) + (f"  {row[5]}" if row[5] else "")
         for row in rows
     ).rstrip()
 

@@ -16,7 +16,6 @@ import math
 import os
 import struct
 import warnings
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from typing import TypeVar
 import cv2
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, TiffImagePlugin, UnidentifiedImageError
+from zlib_ng import zlib_ng
 
 from server.errors import ApiError, invalid
 from server.jobs import OutputFormat
@@ -37,10 +37,11 @@ Image.MAX_IMAGE_PIXELS = None
 
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "TIFF", "AVIF", "BMP")
 DEFAULT_QUALITY = {"jpeg": 90, "webp": 90, "avif": 80}
-# zlib level for PNG when the client sends no compression: level 4 is the first "lazy
-# matching" level; on a 10240² photo it is 15% smaller than level 1 for 1.7× the CPU,
-# while level 6 costs 3× more again for 6% less.
-DEFAULT_PNG_LEVEL = 4
+# Deflate level for PNG when the client sends no compression. PNGs are deflated with zlib-ng:
+# its level 3 makes the files stock zlib's level 4 makes (on a 1920×1280 upscale, 2.39 MB
+# against 2.40), in half the time (66 ms against 126, one core); its level 1 is faster still
+# but 50% larger, and level 6 only 6% smaller for 3× the time.
+DEFAULT_PNG_LEVEL = 3
 
 _WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _BLOCK_ITEMS = 1 << 22  # array elements per row block: keeps float32 temporaries around 16 MB
@@ -430,7 +431,7 @@ def _encode_png(pixels: np.ndarray, level: int, icc: bytes | None) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, depth, _PNG_COLOUR_TYPES[channels], 0, 0, 0)
     chunks = [_PNG_SIGNATURE, _png_chunk(b"IHDR", header)]
     if icc is not None and _icc_fits(icc, channels):
-        chunks.append(_png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)))
+        chunks.append(_png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib_ng.compress(icc)))
     bands = list(row_blocks(height, width * channels * pixels.dtype.itemsize))
     last = bands[-1]
     deflated = _parallel_map(lambda rows: _deflate_band(pixels, rows, level, rows is last), bands)
@@ -452,10 +453,10 @@ def _deflate_band(pixels: np.ndarray, rows: slice, level: int, last: bool) -> tu
     filtered[:, 0] = 2  # PNG filter "Up": each byte minus the byte above it, modulo 256
     np.subtract(band[:1], above, out=filtered[:1, 1:])
     np.subtract(band[1:], band[:-1], out=filtered[1:, 1:])
-    compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    compressor = zlib_ng.compressobj(level, zlib_ng.DEFLATED, -zlib_ng.MAX_WBITS)
     raw = filtered.data
-    data = compressor.compress(raw) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
-    return _png_chunk(b"IDAT", data), zlib.adler32(raw), raw.nbytes
+    data = compressor.compress(raw) + compressor.flush(zlib_ng.Z_FINISH if last else zlib_ng.Z_SYNC_FLUSH)
+    return _png_chunk(b"IDAT", data), zlib_ng.adler32(raw), raw.nbytes
 
 
 def _png_rows(pixels: np.ndarray) -> np.ndarray:
@@ -466,7 +467,7 @@ def _png_rows(pixels: np.ndarray) -> np.ndarray:
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib_ng.crc32(kind + payload))
 
 
 def _adler32_concat(first: int, second: int, second_length: int) -> int:

@@ -27,7 +27,7 @@ from server.engine.models import (
 )
 from server.engine.precision import cpu_has_native_bf16
 from server.engine.runtime import LocalEngine
-from server.engine.tiling import window_side
+from server.engine.tiling import plan_tiles, window_side
 from server.engine.weights import MANIFEST
 from server.errors import ApiError
 from server.imaging import Picture
@@ -128,9 +128,10 @@ def test_a_compiled_model_runs_its_batch_shape_and_gives_the_eager_image(tmp_pat
 
     model.compiled = CompiledForward(model.compiled.shape, counted)
     photo = photos.coffee((96, 96))  # 3×3 tiles of 32 px: four full batches and one short one, padded
-    fast = run_tiled(photo, model, tile=32, batch=2)
+    plan = plan_tiles((96, 96), 4, 32, model.spec, fixed_window=True)  # the compiled shape, as on a GPU
+    fast = run_tiled(photo, model, plan=plan, batch=2)
     assert batches == [2] * 5
-    eager = run_tiled(photo, dataclasses.replace(model, compiled=None), tile=32, batch=2)
+    eager = run_tiled(photo, dataclasses.replace(model, compiled=None), plan=plan, batch=2)
     assert np.abs(fast.astype(int) - eager).max() <= 1
     batches.clear()
     run_tiled(photo, model, tile=0)  # another shape: eager, never a compile on a request

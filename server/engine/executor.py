@@ -70,8 +70,8 @@ def run_tiled(
 ) -> np.ndarray:
     """Upscale H×W×3 uint8 or uint16 `pixels` by `model.scale`; the result has their dtype.
 
-    Either `plan` (a job plan's pass) or `tile`, the largest core side (0: one full-frame pass; a
-    compiled model gets its fixed windows). `forward` replaces the call of the model (by default the
+    Either `plan` (a job plan's pass) or `tile`, the largest core side (0: one full-frame pass; on a
+    GPU, windows of one fixed shape). `forward` replaces the call of the model (by default the
     model itself). `progress` gets (tiles done, tiles in all) after each batch. `spec` replaces the
     model's tiling spec. A model that samples noise draws it from `seed` (None: a random one); other
     models ignore it.
@@ -83,7 +83,7 @@ def run_tiled(
         if tile is None:
             raise ValueError("run_tiled needs a plan or a tile size")
         plan = plan_tiles((width, height), model.scale, tile, spec or model.spec,
-                          fixed_window=model.compiled is not None)
+                          fixed_window=model.device.type == "cuda")
     elif plan.size != (width, height) or plan.scale != model.scale:
         raise ValueError(f"a plan for {plan.size} ×{plan.scale}, given {width}x{height} pixels and a ×{model.scale} "
                          "model")

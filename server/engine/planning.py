@@ -148,14 +148,15 @@ def plan_job(model: str, local: LocalSpec, picture: PictureFacts, target: tuple[
 
 def plan_tiles_for(size: tuple[int, int], scale: int, weight: ModelFacts, device: torch.device, free_memory: int,
                    tile_size: int | None) -> Plan:
-    """The tiles of one pass: LOUPE_TILE_SIZE when set; else a compiled model's fixed windows; else the fewest
-    tiles whose forward pass and float band fit in a share of the memory free now (a full frame where it fits)."""
+    """The tiles of one pass: LOUPE_TILE_SIZE when set. Else, on a GPU, fixed windows of the tile chosen at load:
+    cuDNN tunes, and torch.compile compiles, for one shape. Else the fewest tiles whose forward pass and float
+    band fit in a share of the memory free now: a full frame where it fits."""
     spec = weight.spec
     if spec.grid:
         return plan_tiles(size, scale, spec.grid, spec)
     if tile_size is not None:
-        return plan_tiles(size, scale, tile_size, spec)
-    if weight.compiled:
+        return plan_tiles(size, scale, tile_size, spec, fixed_window=device.type == "cuda" and tile_size > 0)
+    if device.type == "cuda":
         return plan_tiles(size, scale, weight.tile, spec, fixed_window=True)
     usable = free_memory * HEADROOM[device.type]
 
@@ -163,7 +164,7 @@ def plan_tiles_for(size: tuple[int, int], scale: int, weight: ModelFacts, device
         activations = batch_bytes(weight.profile, weight.execution.dtype, (width, height), weight.batch)
         return activations + band_bytes(height * scale, size[0] * scale) <= usable
 
-    return plan_tiles(size, scale, fewest_tiles(size, spec, fits, max_core=weight.tile or None), spec)
+    return plan_tiles(size, scale, fewest_tiles(size, spec, fits), spec)
 
 
 def _image_bytes(plan: Plan) -> int:

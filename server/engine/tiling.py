@@ -149,27 +149,24 @@ def plan_tiles(
                          [(region, split(width, tile), split(height, tile))])
 
 
-def fewest_tiles(size: tuple[int, int], spec: TilingSpec, fits: Callable[[int, int], bool],
-                 max_core: int | None = None) -> tuple[int, int]:
+def fewest_tiles(size: tuple[int, int], spec: TilingSpec, fits: Callable[[int, int], bool]) -> tuple[int, int]:
     """(columns, rows) of cores that run the least window pixels in all, each window (width, height) one that `fits`.
 
     For each column count it takes the fewest rows that fit: the least work, except where rounding
     windows up to a size requirement's multiple makes one more row a little cheaper.
 
-    `fits` must hold for any window no larger than one that fits. Cores are at most `max_core` on
-    a side when it is set. One full frame when it fits; when even 16-px cores don't fit, the grid
-    of 16-px cores (the executor's out-of-memory recovery takes over).
+    `fits` must hold for any window no larger than one that fits. One full frame when it fits; when
+    even 16-px cores don't fit, the grid of 16-px cores (the executor's out-of-memory recovery takes over).
     """
     width, height = size
     most_x, most_y = (max(1, math.ceil(side / _SMALLEST_CORE)) for side in size)
-    least_x, least_y = (1, 1) if max_core is None else (math.ceil(width / max_core), math.ceil(height / max_core))
     best: tuple[int, int, int] | None = None  # window pixels in all, tiles, columns
     best_rows = most_y
-    for columns in range(min(least_x, most_x), most_x + 1):
+    for columns in range(1, most_x + 1):
         largest_x, total_x = _axis_extent(width, columns, spec)
         if best is not None and total_x * height > best[0]:
             break  # every window covers at least the image's rows: more columns only cost more
-        rows = _fewest_rows(height, spec, least_y, most_y, lambda extent: fits(largest_x, extent))
+        rows = _fewest_rows(height, spec, most_y, lambda extent: fits(largest_x, extent))
         if rows is None:
             continue
         _, total_y = _axis_extent(height, rows, spec)
@@ -233,10 +230,11 @@ def _axis_extent(length: int, count: int, spec: TilingSpec) -> tuple[int, int]:
     return max(extents), sum(extents)
 
 
-def _fewest_rows(height: int, spec: TilingSpec, least: int, most: int, fits: Callable[[int], bool]) -> int | None:
-    """The fewest rows, from `least` to `most`, whose tallest window `fits`; None if none does."""
-    if least > most or not fits(_axis_extent(height, most, spec)[0]):
+def _fewest_rows(height: int, spec: TilingSpec, most: int, fits: Callable[[int], bool]) -> int | None:
+    """The fewest rows, up to `most`, whose tallest window `fits`; None if none does."""
+    if not fits(_axis_extent(height, most, spec)[0]):
         return None
+    least = 1
     while least < most:  # the tallest window never grows with more rows
         middle = (least + most) // 2
         if fits(_axis_extent(height, middle, spec)[0]):

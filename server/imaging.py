@@ -147,7 +147,7 @@ def encode(picture: Picture, fmt: OutputFormat, compression: int | None = None) 
     """The picture as a file of `fmt`.
 
     `compression` is OpenAI's `output_compression` (0-100): the quality for jpeg, webp and
-    avif; for png the zlib effort (0 stores, 100 is level 9); ignored for gif. PNG keeps
+    avif; for png the deflate effort (0 stores, 100 is level 8); ignored for gif. PNG keeps
     16 bits, the other formats get 8; jpeg has no alpha, so it is flattened onto white.
     """
     if compression is not None and not 0 <= compression <= 100:
@@ -159,7 +159,8 @@ def encode(picture: Picture, fmt: OutputFormat, compression: int | None = None) 
             "output_format",
         )
     if fmt == "png":
-        level = DEFAULT_PNG_LEVEL if compression is None else round(compression * 9 / 100)
+        # 100 is level 8: zlib-ng's level 9 is no smaller than its 8, and sometimes larger.
+        level = DEFAULT_PNG_LEVEL if compression is None else round(compression * 8 / 100)
         return _encode_png(picture.pixels, level, picture.icc_profile)
     pixels = _storable(_to_8bit(picture.pixels), fmt)
     icc = picture.icc_profile

@@ -132,7 +132,7 @@ def plan_job(model: str, local: LocalSpec, picture: PictureFacts, target: tuple[
     for scale in scales:
         weight = facts(local.weights[scale])
         stochastic = stochastic or weight.profile.stochastic
-        tiles = plan_tiles_for(size, scale, weight, device, free_memory, tile_size)
+        tiles = _plan_tiles_for(size, scale, weight, device, free_memory, tile_size)
         batch = min(weight.batch, len(tiles.tiles))
         on_gpu = device.type == "cuda"
         band = band_bytes(tiles.window[1] * scale, tiles.output_size[0])
@@ -146,7 +146,7 @@ def plan_job(model: str, local: LocalSpec, picture: PictureFacts, target: tuple[
     return JobPlan(model, device, device_name, target, tuple(passes), n if stochastic else 1)
 
 
-def plan_tiles_for(size: tuple[int, int], scale: int, weight: ModelFacts, device: torch.device, free_memory: int,
+def _plan_tiles_for(size: tuple[int, int], scale: int, weight: ModelFacts, device: torch.device, free_memory: int,
                    tile_size: int | None) -> Plan:
     """The tiles of one pass: LOUPE_TILE_SIZE when set. Else, on a GPU, fixed windows of the tile chosen at load:
     cuDNN tunes, and torch.compile compiles, for one shape. Else the fewest tiles whose forward pass and float

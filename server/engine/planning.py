@@ -34,7 +34,7 @@ class ModelFacts:
     nbytes: int
     tile: int  # the device's largest core side (0: none, the CPU)
     batch: int
-    compiled: bool
+    backend: str  # "torch", or what compiled it: "torch.compile", "openvino"
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class PassPlan:
     tiles: Plan
     batch: int
     execution: Execution
-    compiled: bool
+    backend: str
     runs: int  # model runs over this pass's input: 2 for a varying alpha (over black, over white)
     seconds: float  # for all its runs
     peak_device_bytes: int
@@ -106,7 +106,7 @@ class JobPlan:
             "executed_model": self.executed_model,
             "passes": [
                 {"scale": p.scale, "weights": p.weight_id, "input": list(p.input_size), "output": list(p.output_size),
-                 "precision": p.execution.precision, "layout": p.execution.layout, "compiled": p.compiled,
+                 "precision": p.execution.precision, "layout": p.execution.layout, "backend": p.backend,
                  "tile": p.tiles.tile, "batch": p.batch, "tiles": len(p.tiles.tiles),
                  "window": list(p.tiles.window), "window_pixels": p.tiles.window_pixels, "model_runs": p.runs}
                 for p in self.passes
@@ -138,8 +138,8 @@ def plan_job(model: str, local: LocalSpec, picture: PictureFacts, target: tuple[
         band = band_bytes(tiles.window[1] * scale, tiles.output_size[0])
         activations = batch_bytes(weight.profile, weight.execution.dtype, tiles.window, batch)
         seconds = runs * seconds_for(weight.params, tiles.window_pixels, device, weight.execution.dtype,
-                                     weight.compiled, weight.profile.work)
-        passes.append(PassPlan(scale, weight.weight_id, size, tiles, batch, weight.execution, weight.compiled, runs,
+                                     weight.backend, weight.profile.work)
+        passes.append(PassPlan(scale, weight.weight_id, size, tiles, batch, weight.execution, weight.backend, runs,
                                seconds, weight.nbytes + activations + (band if on_gpu else 0),
                                _image_bytes(tiles) + (0 if on_gpu else band)))
         size = tiles.output_size

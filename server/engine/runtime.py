@@ -18,7 +18,7 @@ import torch
 
 from server.catalog import MODELS, ModelEntry
 from server.config import Settings, SettingsError
-from server.engine import precision
+from server.engine import openvino_backend, precision
 from server.engine.devices import DeviceWorker
 from server.engine.executor import run_tiled
 from server.engine.models import (
@@ -68,7 +68,7 @@ class LocalEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         devices = engine_devices(settings)
-        self._compiling = settings.compile and devices[0].type == "cuda"
+        self._compiling = settings.compile and (devices[0].type == "cuda" or openvino_backend.available())
         # Background work (loading, compiling), one item at a time; None stops the thread.
         self._background: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._background_thread: threading.Thread | None = None
@@ -83,7 +83,8 @@ class LocalEngine:
             torch.backends.cudnn.benchmark = True  # tile shapes are fixed: each is tuned once
 
     async def start(self) -> None:
-        """On CUDA with LOUPE_COMPILE on: load and compile, in the background, each local model whose weights are here.
+        """With LOUPE_COMPILE on: load and compile, in the background, each local model whose weights are here and
+        that compiling speeds up: torch.compile on CUDA, OpenVINO for what a CPU runs in fp32.
 
         Requests never wait for a compile: they run eager until the compiled model is ready.
         """
@@ -95,6 +96,9 @@ class LocalEngine:
                              for w in entry.local.weights.values()})
         for worker in self.workers:
             for weight_id in weight_ids:
+                on_cpu = worker.device.type == "cpu"
+                if on_cpu and execution_for(weight_id, worker.device, self.settings.precision).dtype != torch.float32:
+                    continue  # bf16 on the CPU: torch is as fast as any compiler here
                 if find_weights(weight_id, self.settings.weights_dir) is not None:
                     self._background.put(functools.partial(worker.cache.get, weight_id))
 
@@ -206,14 +210,15 @@ class LocalEngine:
         model = worker.cache.peek(weight_id)
         if model is not None:
             return ModelFacts(weight_id, model.profile, self._spec(model.spec), model.execution, model.params,
-                              model.nbytes, model.tile, model.batch, model.compiled is not None)
+                              model.nbytes, model.tile, model.batch,
+                              model.compiled.backend if model.compiled is not None else "torch")
         profile = profile_of(MANIFEST[weight_id].architecture)
         device = worker.device
         execution = execution_for(weight_id, device, self.settings.precision)
         tile, batch = choose_tiling(profile, profile.tiling, execution.dtype, device, free_memory(device))
         params = parameter_count(weight_id, self.settings.weights_dir) or 0
         return ModelFacts(weight_id, profile, self._spec(profile.tiling), execution, params,
-                          params * execution.dtype.itemsize, tile, batch, False)
+                          params * execution.dtype.itemsize, tile, batch, "torch")
 
     def _spec(self, spec: TilingSpec) -> TilingSpec:
         """The tiling as configured: LOUPE_AURA_OVERLAP turns a grid's shifted second pass on or off."""
@@ -221,14 +226,22 @@ class LocalEngine:
 
     def _queue_compile(self, model: LoadedModel) -> None:
         # Without start() (the CLI) everything stays eager; a compiled AuraSR would draw its own noise.
-        if self._background_thread is not None and not model.profile.stochastic:
+        if self._background_thread is None or model.profile.stochastic:
+            return
+        if model.device.type == "cuda" or openvino_backend.wanted(model):
             self._background.put(functools.partial(self._compile, model))
 
     def _compile(self, model: LoadedModel) -> None:
         if model.compiled is not None:
             return
-        log.info("compiling %s for batches of %s on %s", model.weight_id, model.batch_shape, model.device)
-        compile_model(model, self.settings.data_dir / "compile-cache")
+        if model.device.type == "cuda":
+            log.info("compiling %s for batches of %s on %s", model.weight_id, model.batch_shape, model.device)
+            compile_model(model, self.settings.data_dir / "compile-cache")
+        else:
+            log.info("preparing %s with OpenVINO on %s", model.weight_id, model.device)
+            weights_file = find_weights(model.weight_id, self.settings.weights_dir)
+            assert weights_file is not None  # it was just loaded from there
+            model.compiled = openvino_backend.prepare(model, weights_file, self.settings.data_dir / "openvino")
         log.info("compiled %s on %s", model.weight_id, model.device)
 
     def _background_loop(self) -> None:

@@ -126,7 +126,7 @@ def test_a_compiled_model_runs_its_batch_shape_and_gives_the_eager_image(tmp_pat
         batches.append(batch.shape[0])
         return compiled(batch)
 
-    model.compiled = CompiledForward(model.compiled.shape, counted)
+    model.compiled = CompiledForward(model.compiled.shape, counted, model.compiled.backend)
     photo = photos.coffee((96, 96))  # 3×3 tiles of 32 px: four full batches and one short one, padded
     plan = plan_tiles((96, 96), 4, 32, model.spec, fixed_window=True)  # the compiled shape, as on a GPU
     fast = run_tiled(photo, model, plan=plan, batch=2)

@@ -22,6 +22,7 @@ from server.imaging import Picture
 from tests import photos
 from tests.conftest import loupe_settings
 from tests.engine_runs import run
+from tests.test_executor import psnr
 from tests.tiny_models import write_tiny_weights
 
 pytestmark = pytest.mark.skipif(not openvino_backend.available(), reason="the openvino package is not installed")
@@ -55,11 +56,6 @@ def wait_compiled(engine: LocalEngine, timeout: float = 300) -> str:
             return model.compiled.backend
         time.sleep(0.2)
     raise AssertionError(f"{WEIGHT} was not compiled within {timeout} s")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from server.imaging import Picture
 from tests import photos
 from tests.conftest import loupe_settings
 from tests.servers import serve
+from tests.test_executor import psnr
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 CONV_NET = Capabilities()  # ESRGAN and Compact: fp16 and bf16, channels_last
@@ -81,11 +82,6 @@ def test_loupe_serve_refuses_a_precision_it_cannot_run_before_it_starts(tmp_path
 
 
 # With the real weights
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.mark.parametrize(("model", "weight", "size", "tile"), [

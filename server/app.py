@@ -86,8 +86,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def readyz(request: Request) -> JSONResponse:
         services: Services = request.app.state.services
         reasons = {e.id: services.engine.unavailable_reason(e) for e in catalog.MODELS if e.local is not None}
-        ready = any(reason is None for reason in reasons.values())
-        body = {"status": "ready" if ready else "not ready", "device": services.engine.device_name, "models": reasons}
+        draining = request.app.state.admission.draining  # after SIGTERM every /v1 request gets a 503
+        ready = any(reason is None for reason in reasons.values()) and not draining
+        status = "draining" if draining else "ready" if ready else "not ready"
+        body = {"status": status, "device": services.engine.device_name, "models": reasons}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)

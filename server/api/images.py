@@ -153,7 +153,7 @@ async def _load_image(field: UploadFile | str, settings: Settings) -> SourceImag
     if isinstance(field, UploadFile):
         data = await net.read_capped(_chunks(field), settings.max_upload_bytes)
         filename = field.filename or "image"
-    elif field.startswith("data:"):
+    elif field[:5].lower() == "data:":  # URI schemes are case-insensitive (RFC 3986)
         data = net.decode_data_uri(field, max_bytes=settings.max_upload_bytes)
         filename = "image"
     elif field.lower().startswith(("http://", "https://")):

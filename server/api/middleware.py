@@ -53,7 +53,9 @@ class RequestIdMiddleware:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+                headers = message.setdefault("headers", [])
+                if all(name.lower() != b"x-request-id" for name, _ in headers):  # an error response has it already
+                    headers.append((b"x-request-id", request_id.encode()))
             await send(message)
 
         try:

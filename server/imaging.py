@@ -320,14 +320,15 @@ def _pixels_from_pillow(image: Image.Image, icc: bytes | None) -> tuple[np.ndarr
         if _palette_is_gray(image):
             pixels = np.ascontiguousarray(pixels[..., [0, 3] if alpha else [0]])
         return pixels, icc
+    keyed = "transparency" in image.info  # an 8-bit gray or RGB PNG's tRNS colour: the pixels of it are transparent
     if mode in ("1", "L"):
-        target = "L"
+        target = "LA" if keyed else "L"
     elif mode in ("LA", "La"):
         target = "LA"
     elif mode in ("RGBA", "RGBa"):
         target = "RGBA"
     else:  # RGB, RGBX, YCbCr, HSV...
-        target = "RGB"
+        target = "RGBA" if keyed and mode == "RGB" else "RGB"
     converted = image if mode == target else image.convert(target)
     pixels = np.asarray(converted)
     return (pixels[..., None] if pixels.ndim == 2 else pixels), icc
@@ -344,7 +345,7 @@ def _cmyk_to_rgb(image: Image.Image, icc: bytes | None) -> np.ndarray:
             source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
             srgb = ImageCms.createProfile("sRGB")
             return np.asarray(ImageCms.profileToProfile(image, source, srgb, outputMode="RGB"))
-        except ImageCms.PyCMSError:
+        except (ImageCms.PyCMSError, OSError):  # ImageCmsProfile raises OSError for a profile it can't parse
             pass  # a broken profile: fall back to Pillow's naive conversion
     return np.asarray(image.convert("RGB"))
 

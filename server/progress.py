@@ -78,7 +78,7 @@ class ProgressHub:
             async with channel.changed:
                 try:
                     await asyncio.wait_for(channel.changed.wait_for(lambda: channel.version != seen), timeout=timeout)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
                     if channel.version == seen:  # nothing ever reported: don't keep the channel
                         self._channels.pop(request_id, None)
                     return

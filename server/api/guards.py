@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -25,19 +26,21 @@ class RateLimiter:
         self.rate = rate
         self.capacity = max(1.0, rate)
         self._buckets: dict[str, _Bucket] = {}
+        self._lock = threading.Lock()  # `admit` is a sync dependency: FastAPI calls it from worker threads
 
     def admit(self, who: str) -> None:
-        now = time.monotonic()
-        bucket = self._buckets.setdefault(who, _Bucket(self.capacity, now))
-        bucket.tokens = min(self.capacity, bucket.tokens + (now - bucket.updated) * self.rate)
-        bucket.updated = now
-        if bucket.tokens < 1:
-            wait = math.ceil((1 - bucket.tokens) / self.rate)
-            raise ApiError(429, f"rate limit of {self.rate:g} requests per second exceeded; retry in {wait} s",
-                           code="RATE_LIMITED", headers={"Retry-After": str(wait)})
-        bucket.tokens -= 1
-        if len(self._buckets) > 10_000:
-            self._forget_full(now)
+        with self._lock:
+            now = time.monotonic()
+            bucket = self._buckets.setdefault(who, _Bucket(self.capacity, now))
+            bucket.tokens = min(self.capacity, bucket.tokens + (now - bucket.updated) * self.rate)
+            bucket.updated = now
+            if bucket.tokens < 1:
+                wait = math.ceil((1 - bucket.tokens) / self.rate)
+                raise ApiError(429, f"rate limit of {self.rate:g} requests per second exceeded; retry in {wait} s",
+                               code="RATE_LIMITED", headers={"Retry-After": str(wait)})
+            bucket.tokens -= 1
+            if len(self._buckets) > 10_000:
+                self._forget_full(now)
 
     def _forget_full(self, now: float) -> None:
         for key in [k for k, b in self._buckets.items() if b.tokens + (now - b.updated) * self.rate >= self.capacity]:

@@ -287,13 +287,11 @@ def _engine(task: Task) -> LocalEngine:
 
 def _loupe_job(task: Task, engine: LocalEngine, picture: imaging.Picture) -> tuple[JobPlan, LoadedModel, str]:
     """The engine's plan for the photo, its loaded x4 model (compiled when asked, on CUDA) and how it runs."""
-    entry = catalog.find(MODELS[task.model].catalog_id)
-    assert entry is not None
     model = engine.workers[0].cache.get(MODELS[task.model].weight_id)
     compiled = task.compile and model.device.type == "cuda"
     if compiled:
         compile_model(model, Path(task.compile_cache))
-    plan = engine.plan(entry, picture, (picture.width * SCALE, picture.height * SCALE))
+    plan = engine.plan(*_job(task, picture))
     (step,) = plan.passes
     tiles = "one full frame" if len(step.tiles.tiles) == 1 else f"{len(step.tiles.tiles)} tiles of up to {step.tiles.tile} px"
     what = (f"{step.execution.precision} {step.execution.layout}, {tiles}, batch {step.batch}, "
@@ -323,12 +321,13 @@ def _prepare_executor(task: Task, pixels: np.ndarray, device: torch.device) -> P
 def _prepare_engine(task: Task, pixels: np.ndarray, device: torch.device) -> Prepared:
     engine = _engine(task)
     picture = imaging.Picture(pixels)
-    plan, _, what = _loupe_job(task, engine, picture)
+    _, _, what = _loupe_job(task, engine, picture)
     return Prepared(lambda: engine.upscale_sync(engine.plan(*_job(task, picture)), picture).pixels,
                     f"plan + upscale_sync: {what}", close=lambda: asyncio.run(engine.close()))
 
 
 def _job(task: Task, picture: imaging.Picture) -> tuple[catalog.ModelEntry, imaging.Picture, Size]:
+    """What `LocalEngine.plan` takes for the photo at ×SCALE."""
     entry = catalog.find(MODELS[task.model].catalog_id)
     assert entry is not None
     return entry, picture, (picture.width * SCALE, picture.height * SCALE)

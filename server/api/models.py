@@ -21,7 +21,6 @@ def _card(entry: ModelEntry, services: Services) -> ModelCard:
     if entry.local is not None:
         reason = services.engine.unavailable_reason(entry)
         execution = services.engine.execution(entry)
-        assert execution is not None
         local = {"runnable": reason is None, "reason": reason, "native_scales": list(entry.local.native_scales),
                  "device": services.engine.device_name, "precision": execution.precision,
                  "layout": execution.layout}

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from server.engine.models import CompiledForward, LoadedModel
+from server.engine.precision import Execution
 
 _EXAMPLE_SIDE = 64
 
@@ -29,10 +30,9 @@ def available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def wanted(model: LoadedModel) -> bool:
-    """OpenVINO runs what the CPU runs in fp32, where it is faster than torch; never a network that samples noise."""
-    return (available() and model.device.type == "cpu" and model.dtype == torch.float32
-            and not model.profile.stochastic)
+def wanted(device: torch.device, execution: Execution) -> bool:
+    """OpenVINO runs what the CPU runs in fp32, where it is faster than torch."""
+    return available() and device.type == "cpu" and execution.dtype == torch.float32
 
 
 def ir_path(weights_file: Path, cache_dir: Path) -> Path:

@@ -129,12 +129,12 @@ def plan_job(model: str, local: LocalSpec, picture: PictureFacts, target: tuple[
     passes: list[PassPlan] = []
     size = (picture.width, picture.height)
     stochastic = False
+    on_gpu = device.type == "cuda"
     for scale in scales:
         weight = facts(local.weights[scale])
         stochastic = stochastic or weight.profile.stochastic
         tiles = _plan_tiles_for(size, scale, weight, device, free_memory, tile_size)
         batch = min(weight.batch, len(tiles.tiles))
-        on_gpu = device.type == "cuda"
         band = band_bytes(tiles.window[1] * scale, tiles.output_size[0])
         activations = batch_bytes(weight.profile, weight.execution.dtype, tiles.window, batch)
         seconds = runs * seconds_for(weight.params, tiles.window_pixels, device, weight.execution.dtype,

@@ -10,18 +10,18 @@ import secrets
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
+from server import catalog
 from server.catalog import MODELS, ModelEntry
 from server.config import Settings, SettingsError
 from server.engine import openvino_backend, precision
 from server.engine.devices import DeviceWorker
 from server.engine.executor import run_tiled
 from server.engine.models import (
+    ArchProfile,
     LoadedModel,
     ModelCache,
     cache_budget,
@@ -96,9 +96,9 @@ class LocalEngine:
                              for w in entry.local.weights.values()})
         for worker in self.workers:
             for weight_id in weight_ids:
-                on_cpu = worker.device.type == "cpu"
-                if on_cpu and execution_for(weight_id, worker.device, self.settings.precision).dtype != torch.float32:
-                    continue  # bf16 on the CPU: torch is as fast as any compiler here
+                if not self._compiles(worker.device, execution_for(weight_id, worker.device, self.settings.precision),
+                                      profile_of(MANIFEST[weight_id].architecture)):
+                    continue
                 if find_weights(weight_id, self.settings.weights_dir) is not None:
                     self._background.put(functools.partial(worker.cache.get, weight_id))
 
@@ -121,10 +121,9 @@ class LocalEngine:
         """Every device's queue is full."""
         return all(worker.full for worker in self.workers)
 
-    def execution(self, entry: ModelEntry) -> Execution | None:
-        """How `entry`'s first weight runs on the first device: what /v1/models shows."""
-        if entry.local is None:
-            return None
+    def execution(self, entry: ModelEntry) -> Execution:
+        """How the weight of `entry`'s largest native scale runs on the first device: what /v1/models shows."""
+        assert entry.local is not None
         worker = self.workers[0]
         weight_id = entry.local.weights[entry.local.native_scales[-1]]
         loaded = worker.cache.peek(weight_id)
@@ -178,7 +177,8 @@ class LocalEngine:
 
     def _submit(self, plan: JobPlan, picture: Picture, seed: int | None, progress: Progress | None,
                 cancel: threading.Event) -> Future[Picture]:
-        entry = next(e for e in MODELS if e.id == plan.model)
+        entry = catalog.find(plan.model)
+        assert entry is not None  # the plan was made from it
         reason = self.unavailable_reason(entry)
         if reason is not None:
             raise ApiError(503, reason, param="model", code="MODEL_UNAVAILABLE", retryable=False)
@@ -226,10 +226,15 @@ class LocalEngine:
 
     def _queue_compile(self, model: LoadedModel) -> None:
         # Without start() (the CLI) everything stays eager; a compiled AuraSR would draw its own noise.
-        if self._background_thread is None or model.profile.stochastic:
-            return
-        if model.device.type == "cuda" or openvino_backend.wanted(model):
+        if self._background_thread is not None and self._compiles(model.device, model.execution, model.profile):
             self._background.put(functools.partial(self._compile, model))
+
+    @staticmethod
+    def _compiles(device: torch.device, execution: Execution, profile: ArchProfile) -> bool:
+        """Whether compiling speeds a network up there: always on CUDA; on the CPU, OpenVINO's fp32."""
+        if profile.stochastic:
+            return False
+        return device.type == "cuda" or openvino_backend.wanted(device, execution)
 
     def _compile(self, model: LoadedModel) -> None:
         if model.compiled is not None:

@@ -135,18 +135,18 @@ def plan_tiles(
     ignores both: its windows are always its grid side.
     """
     width, height = size
-    counts = tile if isinstance(tile, tuple) else (1, 1) if tile == 0 else None
-    if width < 1 or height < 1 or scale < 1 or (counts is None and tile < 0) or (counts and min(counts) < 1):
+    if isinstance(tile, tuple):
+        counts, fixed = tile, None
+    elif tile > 0:
+        counts, fixed = (math.ceil(width / tile), math.ceil(height / tile)), tile if fixed_window else None
+    else:
+        counts, fixed = (1, 1), None
+    if width < 1 or height < 1 or scale < 1 or min(counts) < 1 or (isinstance(tile, int) and tile < 0):
         raise ValueError(f"can't plan {width}x{height} at x{scale} with tiles {tile}")
     if spec.grid:
         return _plan_grid(size, scale, spec)
-    region = Box(0, 0, width, height)
-    if counts is not None:
-        return _plan_regions(size, scale, spec, None, [(region, _borders(width, counts[0]),
-                                                         _borders(height, counts[1]))])
-    assert isinstance(tile, int)
-    return _plan_regions(size, scale, spec, tile if fixed_window else None,
-                         [(region, split(width, tile), split(height, tile))])
+    cuts = [(Box(0, 0, width, height), _borders(width, counts[0]), _borders(height, counts[1]))]
+    return _plan_regions(size, scale, spec, fixed, cuts)
 
 
 def fewest_tiles(size: tuple[int, int], spec: TilingSpec, fits: Callable[[int, int], bool]) -> tuple[int, int]:

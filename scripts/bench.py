@@ -322,7 +322,7 @@ def _prepare_engine(task: Task, pixels: np.ndarray, device: torch.device) -> Pre
     engine = _engine(task)
     picture = imaging.Picture(pixels)
     _, _, what = _loupe_job(task, engine, picture)
-    return Prepared(lambda: engine.upscale_sync(engine.plan(*_job(task, picture)), picture).pixels,
+    return Prepared(lambda: engine.upscale_sync(engine.plan(*_job(task, picture)), picture)[0].pixels,
                     f"plan + upscale_sync: {what}", close=lambda: asyncio.run(engine.close()))
 
 
@@ -343,7 +343,7 @@ def _prepare_file(task: Task, pixels: np.ndarray, device: torch.device) -> Prepa
         started = time.perf_counter()
         picture = imaging.decode(source.read_bytes(), max_pixels=engine.settings.max_input_pixels)
         decoded = time.perf_counter()
-        result = engine.upscale_sync(engine.plan(*_job(task, picture)), picture)
+        (result,) = engine.upscale_sync(engine.plan(*_job(task, picture)), picture)
         upscaled = time.perf_counter()
         destination.write_bytes(imaging.encode(result, "png"))
         stages["decode"].append(decoded - started)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -21,6 +21,7 @@ from server.api.middleware import (
     install_error_handlers,
 )
 from server.config import Settings
+from server.engine.interface import Engine
 from server.engine.runtime import LocalEngine
 from server.metrics import Metrics
 from server.progress import ProgressHub
@@ -38,12 +39,13 @@ async def _sweep_results(store: ResultStore, every_s: float) -> None:
         await asyncio.to_thread(store.sweep)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine_factory: Callable[[Settings], Engine] = LocalEngine) -> FastAPI:
+    """The app; `engine_factory` makes its engine at start-up (tests pass a fake one)."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = LocalEngine(settings)
+        engine = engine_factory(settings)
         await engine.start()
         metrics.watch_engine(engine.stats)
         providers = RemoteProviders(settings)
@@ -66,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     metrics = Metrics()
     app.state.admission = Admission()
-    app.add_middleware(RequestLimitsMiddleware, max_bytes=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES)
+    app.add_middleware(RequestLimitsMiddleware, max_bytes=settings.max_image_field_chars + _FORM_OVERHEAD_BYTES)
     app.add_middleware(AdmissionMiddleware, admission=app.state.admission)
     app.add_middleware(AccessLogMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)

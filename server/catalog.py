@@ -6,6 +6,7 @@ scales it takes and what it costs. Adding a model means adding a row.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,6 +29,25 @@ class ParamRange:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[float, ...] | None = None
+
+    def allows(self, value: float) -> bool:
+        """Choices match within 0.1%: a scale derived from a `size` is off by the rounding to whole pixels."""
+        if self.choices:
+            return any(math.isclose(value, choice, rel_tol=1e-3) for choice in self.choices)
+        if self.minimum is not None and value < self.minimum * (1 - 1e-9) - 1e-9:
+            return False
+        return self.maximum is None or value <= self.maximum * (1 + 1e-9) + 1e-9
+
+    def describe(self) -> str:
+        """The allowed values in words: "2 or 4", "from 1 to 8", "of at least 1", "up to 8"."""
+        if self.choices:
+            values = [f"{choice:g}" for choice in self.choices]
+            return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
+        if self.minimum is not None and self.maximum is not None:
+            return f"from {self.minimum:g} to {self.maximum:g}"
+        if self.minimum is not None:
+            return f"of at least {self.minimum:g}"
+        return f"up to {self.maximum:g}"
 
 
 @dataclass(frozen=True)
@@ -88,6 +108,12 @@ class ModelEntry:
     gateway: bool = True
     price: Price | None = None
     owned_by: str = "loupe"
+
+    def cost(self, size: tuple[int, int], n: int) -> float | None:
+        """USD for n outputs of `size` at the catalog price; None when the catalog has no price."""
+        if self.price is None:
+            return None
+        return round(self.price.cost(size[0] * size[1]) * n, 6)
 
 
 MODELS: tuple[ModelEntry, ...] = (

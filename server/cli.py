@@ -10,9 +10,10 @@ from pydantic import ValidationError
 
 from server.config import Settings, SettingsError
 from server.engine.weights import WeightsError, WeightStatus
-from server.errors import ApiError
+from server.errors import LoupeError
+from server.jobs import EXTENSIONS
 
-_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif", ".avif": "avif"}
+_FORMATS = {**{f".{extension}": fmt for fmt, extension in EXTENSIONS.items()}, ".jpeg": "jpeg"}
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -52,7 +53,7 @@ def _upscale(args: argparse.Namespace, settings: Settings) -> int:
             bar.n = done
             bar.refresh()
 
-        result = engine.upscale_sync(plan, picture, seed=args.seed, progress=progress)
+        (result,) = engine.upscale_sync(plan, picture, seed=args.seed, progress=progress)
     output.write_bytes(imaging.encode(result, fmt, args.quality))
     if not args.quiet:
         print(f"wrote {output} ({result.width}x{result.height})")
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"loupe: {error}", file=sys.stderr)
         return 2
-    except (ApiError, WeightsError) as error:
+    except (LoupeError, WeightsError) as error:
         print(f"loupe: {error}", file=sys.stderr)
         return 1
 

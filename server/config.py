@@ -33,8 +33,10 @@ class Settings(BaseSettings):
     vram_budget: int | None = Field(default=None, ge=0, description="bytes the model cache may hold on a GPU")
     compile: bool = True
     aura_overlap: bool = True  # AuraSR's second, half-tile-shifted pass: hides its tile grid at twice the work
-    queue_size: int = Field(default=16, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # Estimated seconds of work queued per device past which new jobs get 429 (None: half of request_timeout_s).
+    max_queue_s: float | None = Field(default=None, gt=0)
+    read_timeout_s: float = Field(default=60.0, gt=0)  # to receive a request's headers, and then its body
 
     # Results
     data_dir: Path = PROJECT_ROOT / "data"
@@ -60,6 +62,20 @@ class Settings(BaseSettings):
     gateway_key: str | None = None
     fallback: Literal["never", "unavailable", "overload"] = "unavailable"
     remote_timeout_s: float = Field(default=300.0, gt=0)
+
+    @property
+    def max_image_field_chars(self) -> int:
+        """The longest `image` text field: an upload's largest size as a base64 data: URI, with its header.
+
+        An url-encoded form percent-encodes the `+` and `/` of base64 (3 bytes each): about 1/16 more on
+        compressed image data, allowed for with 1/8.
+        """
+        return -(-self.max_upload_bytes * 4 // 3) * 9 // 8 + 1024
+
+    @property
+    def queue_budget_s(self) -> float:
+        """A job admitted behind a full budget still has half the request timeout to run in."""
+        return self.max_queue_s if self.max_queue_s is not None else self.request_timeout_s / 2
 
     @field_validator("api_keys", mode="before")
     @classmethod

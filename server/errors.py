@@ -1,55 +1,144 @@
-"""The one error type the server raises for anything a client should be told about.
+"""What can go wrong, in the engine's and the providers' words: the domain errors a client is told about.
 
-It carries the OpenAI error shape (`message`, `type`, `param`, `code`) and whether
-retrying the same request could help; the HTTP layer turns it into a response.
+Each class names a fault and carries its facts (a message, the request field at fault, a code,
+whether retrying could help, when to retry). None of them knows HTTP: `server/api/errors.py`
+maps each class to a status in one table.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import ClassVar
 
 
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        type: str | None = None,
-        retryable: bool | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
+class LoupeError(Exception):
+    code: ClassVar[str] = "INVALID_REQUEST"
+
+    def __init__(self, message: str, param: str | None = None, *, code: str | None = None) -> None:
         super().__init__(message)
-        self.status = status
         self.message = message
         self.param = param
-        self.code = code or _DEFAULT_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "INVALID_REQUEST")
-        self.type = type or ("server_error" if status >= 500 else "invalid_request_error")
-        # 429 and most 5xx are worth retrying; a 4xx would fail the same way again.
-        self.retryable = retryable if retryable is not None else status in (408, 429, 502, 503, 504)
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        self.code = code or type(self).code
 
 
-_DEFAULT_CODES = {
-    400: "INVALID_REQUEST",
-    401: "AUTHENTICATION_FAILED",
-    402: "INSUFFICIENT_BALANCE",
-    404: "MODEL_NOT_FOUND",
-    408: "REQUEST_TIMEOUT",
-    413: "PAYLOAD_TOO_LARGE",
-    415: "UNSUPPORTED_MEDIA_TYPE",
-    422: "INVALID_REQUEST",
-    429: "RATE_LIMITED",
-    502: "ALL_PROVIDERS_EXHAUSTED",
-    503: "SERVICE_UNAVAILABLE",
-    504: "UPSTREAM_TIMEOUT",
-}
+class InvalidInput(LoupeError):
+    """The request is wrong and would fail the same way every time."""
 
 
-def invalid(message: str, param: str | None = None, *, code: str | None = None) -> ApiError:
-    """A 400 for a request that will fail the same way every time."""
-    return ApiError(400, message, param=param, code=code)
+class TooLarge(InvalidInput):
+    code = "PAYLOAD_TOO_LARGE"
+
+
+class UnsupportedMediaType(InvalidInput):
+    code = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class NotFound(LoupeError):
+    code = "NOT_FOUND"
+
+
+class AuthenticationFailed(LoupeError):
+    code = "AUTHENTICATION_FAILED"
+
+
+class Conflict(LoupeError):
+    code = "CONFLICT"
+
+
+class Busy(LoupeError):
+    """Too much at once; the same request can succeed after `retry_after_s`."""
+
+    code = "RATE_LIMITED"
+
+    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(Busy):
+    """A device's queued work is past its budget (LOUPE_MAX_QUEUE_S)."""
+
+
+class RateLimited(Busy):
+    """A client is past its request rate (LOUPE_RATE_LIMIT)."""
+
+
+class Unavailable(LoupeError):
+    """Something the request needs can't serve it now; `transient` says whether that will pass by itself."""
+
+    code = "SERVICE_UNAVAILABLE"
+
+    def __init__(self, message: str, param: str | None = None, *, code: str | None = None,
+                 transient: bool = True, retry_after_s: float | None = None) -> None:
+        super().__init__(message, param, code=code)
+        self.transient = transient
+        self.retry_after_s = retry_after_s
+
+
+class ModelUnavailable(Unavailable):
+    """The model can't run here: its weights are missing or broken, or no provider that serves it is set up."""
+
+    code = "MODEL_UNAVAILABLE"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message, "model", code=code, transient=False)
+
+
+class OutOfDeviceMemory(Unavailable):
+    code = "DEVICE_OUT_OF_MEMORY"
+
+
+class ShuttingDown(Unavailable):
+    code = "SHUTTING_DOWN"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after_s=5)
+
+
+class ProviderUnavailable(Unavailable):
+    """A provider's circuit breaker is open."""
+
+    code = "PROVIDER_UNAVAILABLE"
+
+
+class Cancelled(LoupeError):
+    """The job's client went away, or its request timed out."""
+
+    code = "CANCELLED"
+
+
+class DeadlineExceeded(LoupeError):
+    """The request ran past LOUPE_REQUEST_TIMEOUT_S."""
+
+    code = "REQUEST_TIMEOUT"
+
+
+class UpstreamFailed(LoupeError):
+    """A remote provider failed us (down, broken, or refusing this server); `transient`: a retry may succeed."""
+
+    code = "UPSTREAM_ERROR"
+
+    def __init__(self, message: str, *, code: str | None = None, transient: bool = True) -> None:
+        super().__init__(message, code=code)
+        self.transient = transient
+
+
+class UpstreamTimeout(UpstreamFailed):
+    code = "UPSTREAM_TIMEOUT"
+
+
+class UpstreamRejected(LoupeError):
+    """A remote provider refused the client's request as invalid, with its own 4xx status, which is relayed."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, *, code: str | None = None) -> None:
+        super().__init__(message, param, code=code)
+        self.status = status
+        self.transient = status in (408, 429)  # the provider was busy, not the request wrong
+
+
+class StorageFull(LoupeError):
+    code = "STORAGE_UNAVAILABLE"
+
+
+class InternalError(LoupeError):
+    """The server itself failed in a way no retry of this request would fix (say, a disk that refuses writes)."""
+
+    code = "INTERNAL_ERROR"

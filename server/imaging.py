@@ -3,7 +3,7 @@
 Decoding keeps what a client would notice losing: EXIF orientation is applied, the ICC
 profile kept, grayscale stays grayscale, alpha stays alpha and 16-bit stays 16-bit (Pillow
 reads 16-bit colour PNG/TIFF as 8-bit, so those go through OpenCV). Anything wrong with the
-client's bytes becomes an `ApiError` 400 on `image`, checked from the header before decoding.
+client's bytes becomes an `InvalidInput` on `image`, checked from the header before decoding.
 
 Encoding writes PNG itself: rows get the "Up" filter and are deflated in parallel bands
 (on a 10240² photo: about half the CPU of Pillow's or OpenCV's writer for the same file size,
@@ -27,7 +27,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageCms, TiffImagePlugin, UnidentifiedImageError
 from zlib_ng import zlib_ng
 
-from server.errors import ApiError, invalid
+from server.errors import InvalidInput
 from server.jobs import OutputFormat
 
 # decode() enforces the configured limit from the header before any pixel is decoded;
@@ -46,13 +46,6 @@ DEFAULT_PNG_LEVEL = 3
 _WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _BLOCK_ITEMS = 1 << 22  # array elements per row block: keeps float32 temporaries around 16 MB
 _MAX_SIDE = {"jpeg": 65_500, "webp": 16_383, "gif": 65_535}
-_MEDIA_TYPES: dict[str, str] = {
-    "png": "image/png",
-    "jpeg": "image/jpeg",
-    "webp": "image/webp",
-    "gif": "image/gif",
-    "avif": "image/avif",
-}
 _OWN_FORMATS: dict[str, OutputFormat] = {"JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "AVIF": "avif"}
 _PIL_FORMATS = {"jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}
 # EXIF orientation -> (transpose, flip rows, flip columns) that brings the pixels upright.
@@ -106,6 +99,7 @@ class ImageInfo:
     width: int  # as displayed: EXIF orientation applied
     height: int
     format: str  # Pillow's format name: "PNG", "JPEG", "MPO", ...
+    alpha: bool = False  # the header allows transparency (whether any pixel uses it, only decoding tells)
 
 
 def probe(data: bytes) -> ImageInfo:
@@ -114,7 +108,7 @@ def probe(data: bytes) -> ImageInfo:
         width, height = image.size
         if _orientation(image) in (5, 6, 7, 8):
             width, height = height, width
-        return ImageInfo(width, height, str(image.format))
+        return ImageInfo(width, height, str(image.format), _may_have_alpha(image))
 
 
 def decode(data: bytes, *, max_pixels: int) -> Picture:
@@ -125,11 +119,10 @@ def decode(data: bytes, *, max_pixels: int) -> Picture:
     with _client_image(data) as image:
         width, height = image.size
         if width * height > max_pixels:
-            raise ApiError(
-                400,
+            raise InvalidInput(
                 f"The image is {width}×{height} pixels ({width * height / 1e6:.1f} megapixels); "
                 f"the limit is {max_pixels / 1e6:.1f} megapixels.",
-                param="image",
+                "image",
                 code="IMAGE_TOO_LARGE",
             )
         orientation = _orientation(image)
@@ -151,10 +144,10 @@ def encode(picture: Picture, fmt: OutputFormat, compression: int | None = None) 
     16 bits, the other formats get 8; jpeg has no alpha, so it is flattened onto white.
     """
     if compression is not None and not 0 <= compression <= 100:
-        raise invalid("output_compression must be between 0 and 100.", "output_compression")
+        raise InvalidInput("output_compression must be between 0 and 100.", "output_compression")
     limit = _MAX_SIDE.get(fmt)
     if limit is not None and max(picture.width, picture.height) > limit:
-        raise invalid(
+        raise InvalidInput(
             f"{fmt} images can be at most {limit} pixels on a side; this one is {picture.width}×{picture.height}.",
             "output_format",
         )
@@ -209,10 +202,6 @@ def resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     return out
 
 
-def media_type(fmt: OutputFormat) -> str:
-    return _MEDIA_TYPES[fmt]
-
-
 def default_output_format(input_format: str) -> OutputFormat:
     """The client's own format where Loupe can write it; PNG otherwise (GIF too: re-quantizing
     an upscaled picture to 256 colours would throw away what the upscale added)."""
@@ -233,18 +222,19 @@ def row_blocks(height: int, row_items: int) -> Iterator[slice]:
 def _client_image(data: bytes) -> Iterator[Image.Image]:
     """The client's bytes opened by Pillow (header only); any failure reading them is a 400."""
     if not data:
-        raise invalid("The image is empty.", "image", code="INVALID_IMAGE")
+        raise InvalidInput("The image is empty.", "image", code="INVALID_IMAGE")
     # Pillow warns about quirks of files it still reads (corrupt EXIF, odd palettes): they
     # describe the client's file, not a fault to log. Added on every call, which is
     # idempotent, because a catch_warnings() block elsewhere (a test runner's) can drop it.
     warnings.filterwarnings("ignore", module=r"PIL\.")
     try:
         with Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as image:
+            _refuse_frames(image)
             yield image
-    except ApiError:
+    except InvalidInput:
         raise
     except UnidentifiedImageError as exc:
-        raise invalid(
+        raise InvalidInput(
             f"The file is not an image in a supported format ({', '.join(INPUT_FORMATS)}).",
             "image",
             code="UNSUPPORTED_IMAGE_FORMAT",
@@ -253,8 +243,24 @@ def _client_image(data: bytes) -> Iterator[Image.Image]:
         raise _corrupt() from exc
 
 
-def _corrupt() -> ApiError:
-    return invalid("The image could not be decoded: it is truncated or corrupt.", "image", code="INVALID_IMAGE")
+def _refuse_frames(image: Image.Image) -> None:
+    """An animation or a multi-page file is refused, never cut to its first frame without a word.
+
+    A camera's MPO JPEG is exempt: its further pictures are previews and depth maps of the first.
+    """
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1 and image.format != "MPO":
+        kind = "a multi-page TIFF" if image.format == "TIFF" else f"an animated {image.format}"
+        raise InvalidInput(f"The image is {kind} with {frames} frames; Loupe upscales still images: send one frame "
+                           "(as PNG, say) per request.", "image", code="ANIMATED_IMAGE")
+
+
+def _may_have_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def _corrupt() -> InvalidInput:
+    return InvalidInput("The image could not be decoded: it is truncated or corrupt.", "image", code="INVALID_IMAGE")
 
 
 def _orientation(image: Image.Image) -> int:
@@ -311,7 +317,7 @@ def _pixels_from_pillow(image: Image.Image, icc: bytes | None) -> tuple[np.ndarr
     if mode == "I":
         return np.clip(np.asarray(image), 0, 65535).astype(np.uint16)[..., None], icc
     if mode == "F":
-        raise invalid("32-bit floating-point images are not supported.", "image", code="UNSUPPORTED_IMAGE_FORMAT")
+        raise InvalidInput("32-bit floating-point images are not supported.", "image", code="UNSUPPORTED_IMAGE_FORMAT")
     if mode == "CMYK":
         return _cmyk_to_rgb(image, icc), None
     if mode in ("P", "PA"):

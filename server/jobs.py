@@ -13,6 +13,17 @@ from server.catalog import ModelEntry
 OutputFormat = Literal["png", "jpeg", "webp", "gif", "avif"]
 ResponseFormat = Literal["url", "b64_json"]
 
+# Pillow's format name → media type, for the images clients send and for those Loupe writes (an output
+# format is the lower-case name). A camera's MPO is a JPEG to everyone else.
+MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp",
+               "GIF": "image/gif", "AVIF": "image/avif", "TIFF": "image/tiff", "BMP": "image/bmp"}
+EXTENSIONS: dict[OutputFormat, str] = {"png": "png", "jpeg": "jpg", "webp": "webp", "gif": "gif", "avif": "avif"}
+
+
+def media_type(fmt: str) -> str:
+    """Of a Pillow format name ("PNG", "MPO") or an output format ("png", "jpeg")."""
+    return MEDIA_TYPES[fmt.upper()]
+
 
 @dataclass(frozen=True)
 class SourceImage:
@@ -23,10 +34,11 @@ class SourceImage:
     height: int
     format: str  # Pillow's format name: "PNG", "JPEG", ...
     filename: str = "image"
+    alpha: bool = False  # the header allows transparency
 
     @property
     def media_type(self) -> str:
-        return f"image/{self.format.lower()}"
+        return MEDIA_TYPES.get(self.format, f"image/{self.format.lower()}")
 
 
 @dataclass(frozen=True)

@@ -19,18 +19,33 @@ _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, No
 _SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 
+class Redactor:
+    """Replaces every occurrence of each non-empty secret in a text by [REDACTED]: for log lines, and for
+    anything an upstream says that a client will read."""
+
+    def __init__(self, secrets: Iterable[str | None]) -> None:
+        parts: set[str] = set()
+        for secret in filter(None, secrets):
+            parts.add(secret)
+            # fal's split credentials are `key_id:key_secret`; either half alone is still sensitive.
+            parts.update(half for half in secret.split(":") if len(half) >= 8)
+        # Longest first, so a secret that contains another is blanked whole.
+        self._parts = sorted(parts, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for part in self._parts:
+            text = text.replace(part, REDACTED)
+        return text
+
+
 def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """`text` with every occurrence of each non-empty secret replaced by [REDACTED]."""
-    # Longest first, so a secret that contains another is blanked whole.
-    for secret in sorted(filter(None, secrets), key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
-    return text
+    return Redactor(secrets)(text)
 
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, secrets: Iterable[str | None] = ()) -> None:
         super().__init__()
-        self.secrets = sorted(filter(None, secrets), key=len, reverse=True)
+        self.redact = Redactor(secrets)
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -52,14 +67,14 @@ class JsonFormatter(logging.Formatter):
     def _plain(self, value: object) -> object:
         """`value` as JSON types, each string redacted (before encoding, so escaping cannot hide a secret)."""
         if isinstance(value, str):
-            return redact(value, self.secrets)
+            return self.redact(value)
         if value is None or isinstance(value, (bool, int, float)):
             return value
         if isinstance(value, Mapping):
             return {self._plain(str(key)): self._plain(item) for key, item in value.items()}
         if isinstance(value, (list, tuple, set, frozenset)):
             return [self._plain(item) for item in value]
-        return redact(str(value), self.secrets)
+        return self.redact(str(value))
 
 
 class _JsonHandler(logging.StreamHandler):

@@ -34,7 +34,7 @@ class Metrics:
         self._latency.labels(model=model, provider=provider).observe(seconds)
 
     def watch_engine(self, stats: EngineStats) -> None:
-        """Export `stats()` (queue_depth, tiles_processed, oom_retries, gpu_memory_bytes) at every scrape."""
+        """Export `stats()` (queue depth and seconds, tiles, OOM retries, GPU memory) at every scrape."""
         self.registry.register(_EngineCollector(stats))
 
     def render(self) -> bytes:
@@ -49,6 +49,8 @@ class _EngineCollector(Collector):
         stats = self.stats()
         for key, family, help_text in (
             ("queue_depth", GaugeMetricFamily, "Jobs waiting for or running on the local engine"),
+            ("queue_seconds", GaugeMetricFamily, "Estimated seconds of work admitted and not yet done"),
+            ("queue_budget_seconds", GaugeMetricFamily, "Seconds of queued work past which jobs get 429"),
             ("tiles_processed", CounterMetricFamily, "Tiles the local engine has upscaled"),
             ("oom_retries", CounterMetricFamily, "Times a batch ran out of GPU memory and was retried smaller"),
             ("gpu_memory_bytes", GaugeMetricFamily, "GPU memory in use by the local engine"),

@@ -18,7 +18,7 @@ from urllib.parse import unquote
 import httpx
 
 from server.config import Settings
-from server.errors import ApiError
+from server.errors import InvalidInput, TooLarge
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
@@ -127,7 +127,7 @@ async def fetch_image_url(
 
     `guard` says why an address may not be contacted (None: it may); by default
     `classify_address`, or nothing when `settings.allow_private_urls`. Every failure
-    is an ApiError on param "image": 413 past `settings.max_upload_bytes`, 400 otherwise.
+    is an InvalidInput on param "image": 413 past `settings.max_upload_bytes`, 400 otherwise.
     """
     if guard is None:
         guard = _allow_any if settings.allow_private_urls else classify_address
@@ -252,26 +252,30 @@ def _pinned_request(url: httpx.URL, address: IPAddress, timeout: httpx.Timeout) 
 
 
 def decode_data_uri(uri: str, *, max_bytes: int) -> bytes:
-    """The bytes of a base64 `data:` URI; ApiError 400 (malformed) or 413 (over `max_bytes`) on param "image"."""
+    """The bytes of a base64 `data:` URI; InvalidInput (malformed) or TooLarge (over `max_bytes`) on param "image"."""
     head, comma, payload = uri.partition(",")
     if not comma or head[:5].lower() != "data:":
         raise _refused("image data URI is malformed: expected data:<media type>;base64,<data>")
     if "base64" not in (part.strip().lower() for part in head[5:].split(";")[1:]):
         raise _refused("image data URI must be base64-encoded: data:<media type>;base64,<data>")
-    # Tolerate line breaks, percent-encoding, the URL-safe alphabet and missing padding.
-    text = "".join(unquote(payload).split()).rstrip("=").replace("-", "+").replace("_", "/")
+    return decode_base64(unquote(payload), max_bytes=max_bytes)
+
+
+def decode_base64(payload: str, *, max_bytes: int) -> bytes:
+    """Base64 as people write it: line breaks, the URL-safe alphabet and missing padding are tolerated."""
+    text = "".join(payload.split()).rstrip("=").replace("-", "+").replace("_", "/")
     if not text:
-        raise _refused("image data URI is empty")
+        raise _refused("image data is empty")
     if len(text) * 3 // 4 > max_bytes:
         raise _too_large(max_bytes, "image")
     try:
         return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise _refused("image data URI is not valid base64") from None
+        raise _refused("image data is not valid base64") from None
 
 
 async def read_capped(stream: AsyncIterator[bytes], max_bytes: int, *, param: str = "image") -> bytes:
-    """Join a byte stream, stopping with ApiError 413 as soon as it passes `max_bytes`."""
+    """Join a byte stream, stopping with TooLarge as soon as it passes `max_bytes`."""
     buffer = bytearray()
     async for chunk in stream:
         buffer += chunk
@@ -280,13 +284,13 @@ async def read_capped(stream: AsyncIterator[bytes], max_bytes: int, *, param: st
     return bytes(buffer)
 
 
-def _refused(message: str) -> ApiError:
-    return ApiError(400, message, param="image", retryable=False)
+def _refused(message: str) -> InvalidInput:
+    return InvalidInput(message, "image")
 
 
-def _unfetchable(reason: str) -> ApiError:
+def _unfetchable(reason: str) -> InvalidInput:
     return _refused(f"could not fetch image URL: {reason}")
 
 
-def _too_large(max_bytes: int, param: str) -> ApiError:
-    return ApiError(413, f"{param} is larger than the limit of {max_bytes} bytes", param=param, retryable=False)
+def _too_large(max_bytes: int, param: str) -> TooLarge:
+    return TooLarge(f"{param} is larger than the limit of {max_bytes} bytes", param)

@@ -2,6 +2,8 @@
 
 The engine reports from worker threads; subscribers read from the event loop.
 A channel lives from the first report or subscription until shortly after it ends.
+A request claims its channel as it starts: the channel then belongs to the API key that sent
+it, and only that key may watch it; while it runs, no other request may claim the same id.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+
+from server.errors import Conflict, NotFound
 
 FINAL_STAGES = ("done", "failed")
 _KEEP_FINISHED_S = 120.0
@@ -33,12 +37,34 @@ class _Channel:
     version: int = 0
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     finished_at: float | None = None
+    claimed: bool = False  # by the request it reports on (before that, only watchers have opened it)
+    owner: str | None = None  # who sent that request: a digest of its API key (None without keys)
+
+    @property
+    def in_flight(self) -> bool:
+        return self.claimed and self.state.stage not in FINAL_STAGES
 
 
 class ProgressHub:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._channels: dict[str, _Channel] = {}
+
+    def claim(self, request_id: str, owner: str | None) -> None:
+        """The channel for a request that is starting; Conflict while another request with that id runs."""
+        channel = self._channels.get(request_id)
+        if channel is not None and channel.in_flight:
+            raise Conflict(f"another request with the id {request_id} is still running; send a fresh X-Request-Id",
+                           code="REQUEST_ID_IN_USE")
+        if channel is None or channel.claimed:  # a finished request's channel: this one starts afresh
+            channel = self._channels[request_id] = _Channel()
+        channel.claimed, channel.owner = True, owner
+
+    def check_watcher(self, request_id: str, owner: str | None) -> None:
+        """NotFound for a watcher whose key did not send the request: to it, the request does not exist."""
+        channel = self._channels.get(request_id)
+        if channel is not None and channel.claimed and channel.owner != owner:
+            raise NotFound(f"no request {request_id} of yours is known", code="REQUEST_NOT_FOUND")
 
     def update(self, request_id: str, stage: str, done: int | None = None, total: int | None = None) -> None:
         """Record a new state; call from the event loop."""
@@ -66,10 +92,15 @@ class ProgressHub:
 
         return report
 
-    async def watch(self, request_id: str) -> AsyncIterator[Progress]:
-        """Yield each new state until the request finishes (or nothing happens for a long while)."""
+    async def watch(self, request_id: str, owner: str | None) -> AsyncIterator[Progress]:
+        """Yield each new state until the request finishes (or nothing happens for a long while).
+
+        A stream opened before its request arrived ends, unread, if a request of another key claims the id.
+        """
         channel = self._channel(request_id)
         while True:
+            if channel.claimed and channel.owner != owner:
+                return
             seen = channel.version
             yield channel.state
             if channel.state.stage in FINAL_STAGES:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from server import imaging
 from server.api.protocol import ImageData
-from server.errors import invalid
+from server.errors import InvalidInput
 from server.imaging import Picture
 from server.jobs import Job
 from server.storage import ResultStore
@@ -33,7 +33,7 @@ def _convert_remote(data: bytes, job: Job, max_pixels: int) -> tuple[bytes, tupl
     if native == job.output_format and job.output_compression is None:
         return data, (info.width, info.height)
     if info.width * info.height > max_pixels:
-        raise invalid(
+        raise InvalidInput(
             f"the provider made a {info.width}x{info.height} image, over the {max_pixels} pixels Loupe converts: "
             f"ask for output_format={native} without output_compression to get it as it was made",
             "output_format",
@@ -61,7 +61,11 @@ async def publish_remote(images: list[bytes], job: Job, store: ResultStore, base
 
 async def _deliver(blobs: list[bytes], job: Job, store: ResultStore, base_url: str) -> list[ImageData]:
     if job.response_format == "b64_json":
-        return [ImageData(b64_json=base64.b64encode(blob).decode("ascii")) for blob in blobs]
+        encoded: dict[int, str] = {}
+        for blob in blobs:
+            if id(blob) not in encoded:
+                encoded[id(blob)] = base64.b64encode(blob).decode("ascii")
+        return [ImageData(b64_json=encoded[id(blob)]) for blob in blobs]
     names: dict[int, str] = {}
     for blob in blobs:
         if id(blob) not in names:

@@ -1,4 +1,5 @@
-"""Run the app under uvicorn with a graceful shutdown: on SIGTERM, refuse new work, finish what's in flight, exit."""
+"""Run the app under uvicorn: a deadline to receive each request, and a graceful shutdown (on SIGTERM, refuse
+new work, finish what's in flight, exit)."""
 from __future__ import annotations
 
 import asyncio
@@ -6,8 +7,12 @@ import logging
 import threading
 import time
 from types import FrameType
+from typing import Any
 
+import h11
 import uvicorn
+from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.api.middleware import Admission
 from server.app import create_app
@@ -15,6 +20,54 @@ from server.config import Settings
 from server.logs import configure_logging
 
 log = logging.getLogger("loupe.serve")
+
+
+class _ReadDeadline(H11Protocol):
+    """h11 with a deadline (LOUPE_READ_TIMEOUT_S) to receive a request's headers and body, from its first byte.
+
+    uvicorn has none: a client sending a byte a second would hold its connection, and keep a draining server
+    up, forever. Past the deadline the connection is closed; the app, if it had the headers, sees a disconnect.
+    """
+
+    read_timeout_s = 60.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+            self._deadline = self.loop.call_later(self.read_timeout_s, self._deadline_passed)
+        super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        self._cancel_deadline()
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        if self.conn.their_state is h11.DONE or self.transport.is_closing():
+            return  # the request is in; its answer may take as long as it takes
+        log.info("closing a connection that did not send its request within %g s (LOUPE_READ_TIMEOUT_S)",
+                 self.read_timeout_s, extra={"client": f"{self.client[0]}:{self.client[1]}" if self.client else "-"})
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        self.transport.close()
+
+
+def http_protocol(settings: Settings) -> type[H11Protocol]:
+    """The HTTP protocol class for uvicorn.Config(http=...), with this server's read deadline."""
+    return type("LoupeH11Protocol", (_ReadDeadline,), {"read_timeout_s": settings.read_timeout_s})
 
 
 class _DrainingServer(uvicorn.Server):
@@ -38,9 +91,14 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    # log_config=None keeps uvicorn from replacing the JSON handler with its own.
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                          http=http_protocol(settings))
+
+
 def run(settings: Settings) -> None:
     configure_logging(settings.log_level, secrets=[*settings.api_keys, settings.fal_key, settings.gateway_key])
     app = create_app(settings)
-    # log_config=None keeps uvicorn from replacing the JSON handler with its own.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    config = uvicorn_config(app, settings)
     asyncio.run(_DrainingServer(config, app.state.admission, settings.request_timeout_s).serve())

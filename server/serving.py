@@ -6,22 +6,21 @@ progress reports; knows nothing of HTTP forms.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from server import imaging
 from server.api.protocol import CostComponent, DryRunResponse, ImagesResponse, Metadata
 from server.config import Settings
-from server.engine.planning import JobPlan
-from server.engine.runtime import LocalEngine
+from server.engine.interface import Engine, Plan, Reservation
+from server.engine.planning import PictureFacts
+from server.errors import QueueFull
 from server.jobs import Job
 from server.progress import ProgressHub
 from server.remote import RemoteProviders
 from server.results import Published, publish_pictures, publish_remote
-from server.routing import Route, choose_route
+from server.routing import Route, choose_route, overflow_route
 from server.storage import ResultStore
 
 
@@ -30,24 +29,30 @@ class Services:
     """Everything a request may use; built once per app in its lifespan."""
 
     settings: Settings
-    engine: LocalEngine
+    engine: Engine
     providers: RemoteProviders
     store: ResultStore
     progress: ProgressHub
-
-
-def _cost(job: Job, route: Route, size: tuple[int, int]) -> float:
-    if route.local or job.entry.price is None:
-        return 0.0
-    return round(job.entry.price.cost(size[0] * size[1]) * job.n, 6)
 
 
 async def run(job: Job, services: Services, cancel: threading.Event, base_url: str) -> ImagesResponse:
     """Run the job and publish its images; `base_url` is where result URLs point."""
     route = choose_route(job, services.settings, services.engine, services.providers)
     services.progress.update(job.request_id, "queued")
+    reservation = None
     if route.local:
-        published, metadata = await _run_local(job, services, cancel, base_url)
+        try:
+            reservation = services.engine.reserve(job.entry, _header_facts(job), job.target, job.n)
+        except QueueFull:
+            overflow = overflow_route(job, services.settings, services.providers)
+            if overflow is None:
+                raise
+            route = overflow
+    if reservation is not None:
+        try:
+            published, metadata = await _run_local(job, services, reservation, cancel, base_url)
+        finally:
+            reservation.release()
     else:
         published, metadata = await _run_remote(job, services, route, base_url)
     services.progress.update(job.request_id, "done")
@@ -59,20 +64,20 @@ async def run(job: Job, services: Services, cancel: threading.Event, base_url: s
     )
 
 
-async def _run_local(job: Job, services: Services, cancel: threading.Event, base_url: str) -> tuple[Published, Metadata]:
+def _header_facts(job: Job) -> PictureFacts:
+    return PictureFacts.from_header(job.image.width, job.image.height, job.image.alpha)
+
+
+async def _run_local(job: Job, services: Services, reservation: Reservation, cancel: threading.Event,
+                     base_url: str) -> tuple[Published, Metadata]:
+    """The job on the place `reservation` holds, taken before the picture is decoded."""
     engine = services.engine
-    picture, plan = await _plan_local(job, services)
+    picture, plan = await _plan_local(job, services, reservation)
     report = services.progress.tile_reporter(job.request_id)
-    if plan.images > 1:  # a model that samples noise: one seed per image
-        first_seed = job.seed if job.seed is not None else secrets.randbits(63)
-        pictures = [
-            await engine.upscale(plan, picture, seed=first_seed + index, progress=_part_of(report, index, plan.images),
-                                 cancel=cancel)
-            for index in range(plan.images)
-        ]
-    else:
-        result = await engine.upscale(plan, picture, seed=job.seed, progress=report, cancel=cancel)
-        pictures = [result] * job.n
+    pictures = await engine.upscale(plan, picture, reservation=reservation, seed=job.seed, progress=report,
+                                    cancel=cancel)
+    if len(pictures) < job.n:  # a deterministic model: one result, n copies
+        pictures = pictures * job.n
     services.progress.update(job.request_id, "encoding")
     published = await publish_pictures(pictures, job, services.store, base_url)
     metadata = Metadata(
@@ -85,16 +90,12 @@ async def _run_local(job: Job, services: Services, cancel: threading.Event, base
     return published, metadata
 
 
-async def _plan_local(job: Job, services: Services) -> tuple[imaging.Picture, JobPlan]:
+async def _plan_local(job: Job, services: Services,
+                      reservation: Reservation | None = None) -> tuple[imaging.Picture, Plan]:
     """The decoded picture and the engine's plan for it: the dry run and the run make them the same way."""
     assert job.entry.local is not None
     picture = await asyncio.to_thread(imaging.decode, job.image.data, max_pixels=services.settings.max_input_pixels)
-    return picture, services.engine.plan(job.entry, picture, job.target, job.n)
-
-
-def _part_of(report: Callable[[int, int], None], index: int, count: int) -> Callable[[int, int], None]:
-    """Progress of the index-th of `count` equal runs, reported as progress of the whole."""
-    return lambda done, total: report(index * total + done, count * total)
+    return picture, services.engine.plan(job.entry, picture, job.target, job.n, reservation)
 
 
 async def _run_remote(job: Job, services: Services, route: Route, base_url: str) -> tuple[Published, Metadata]:
@@ -112,7 +113,7 @@ async def _run_remote(job: Job, services: Services, route: Route, base_url: str)
         executed_model=result.executed_model,
         provider=result.provider,
         provider_name=result.provider_name,
-        cost=result.cost if result.cost is not None else _cost(job, route, published.size),
+        cost=result.cost if result.cost is not None else job.entry.cost(published.size, job.n) or 0.0,
     )
     return published, metadata
 

@@ -15,21 +15,13 @@ import time
 from pathlib import Path
 from stat import S_ISREG
 
-from server.errors import ApiError
+from server.errors import InternalError, StorageFull
+from server.jobs import EXTENSIONS, OutputFormat, media_type
 
 log = logging.getLogger("loupe.storage")
 
-# Output format → (file extension, media type).
-_FORMATS = {
-    "png": ("png", "image/png"),
-    "jpeg": ("jpg", "image/jpeg"),
-    "jpg": ("jpg", "image/jpeg"),
-    "webp": ("webp", "image/webp"),
-    "gif": ("gif", "image/gif"),
-    "avif": ("avif", "image/avif"),
-}
-_MEDIA_TYPES = dict(_FORMATS.values())
-_NAME = re.compile(r"[0-9a-f]{32}\.(" + "|".join(sorted(_MEDIA_TYPES)) + r")")
+_FORMAT_OF_EXTENSION = {extension: fmt for fmt, extension in EXTENSIONS.items()}
+_NAME = re.compile(r"[0-9a-f]{32}\.(" + "|".join(sorted(_FORMAT_OF_EXTENSION)) + r")")
 _TEMP_PREFIX = ".partial-"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -39,11 +31,11 @@ class ResultStore:
         self.root = root
         self.ttl_s = ttl_s
 
-    def save(self, data: bytes, fmt: str) -> str:
-        """Store one result; its name, e.g. "3f2a…c1.png". ApiError STORAGE_UNAVAILABLE when the disk refuses."""
-        if fmt.lower() not in _FORMATS:
-            raise ValueError(f"no result format {fmt!r}; known: {sorted(_FORMATS)}")
-        extension, _ = _FORMATS[fmt.lower()]
+    def save(self, data: bytes, fmt: OutputFormat) -> str:
+        """Store one result; its name, e.g. "3f2a…c1.png". StorageFull or InternalError when the disk refuses."""
+        if fmt not in EXTENSIONS:
+            raise ValueError(f"no result format {fmt!r}; known: {sorted(EXTENSIONS)}")
+        extension = EXTENSIONS[fmt]
         name = f"{secrets.token_hex(16)}.{extension}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -51,10 +43,9 @@ class ResultStore:
         except OSError as error:
             log.error("could not store a result", extra={"directory": str(self.root), "error": str(error)})
             if error.errno in _DISK_FULL:
-                raise ApiError(507, "the server's result storage is full; try again later or ask for b64_json",
-                               code="STORAGE_UNAVAILABLE", retryable=False) from None
-            raise ApiError(500, "the server could not store the result; ask for b64_json or tell the operator",
-                           code="STORAGE_UNAVAILABLE", retryable=False) from None
+                raise StorageFull("the server's result storage is full; try again later or ask for b64_json") from None
+            raise InternalError("the server could not store the result; ask for b64_json or tell the operator",
+                                code="STORAGE_UNAVAILABLE") from None
         return name
 
     def open(self, name: str) -> tuple[Path, str] | None:
@@ -69,7 +60,7 @@ class ResultStore:
             return None
         if not S_ISREG(info.st_mode) or self._expired(info.st_mtime, time.time()):
             return None
-        return path, _MEDIA_TYPES[match.group(1)]
+        return path, media_type(_FORMAT_OF_EXTENSION[match.group(1)])
 
     def sweep(self) -> int:
         """Delete expired results (and temp files a crash left behind); how many were deleted."""

@@ -9,9 +9,11 @@ from server.imaging import Picture
 
 
 def run(engine: LocalEngine, entry: ModelEntry, picture: Picture, target: tuple[int, int], **options: Any) -> Picture:
-    return engine.upscale_sync(engine.plan(entry, picture, target), picture, **options)
+    (result,) = engine.upscale_sync(engine.plan(entry, picture, target), picture, **options)
+    return result
 
 
 async def run_async(engine: LocalEngine, entry: ModelEntry, picture: Picture, target: tuple[int, int],
                     **options: Any) -> Picture:
-    return await engine.upscale(engine.plan(entry, picture, target), picture, **options)
+    (result,) = await engine.upscale(engine.plan(entry, picture, target), picture, **options)
+    return result

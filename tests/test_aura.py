@@ -26,7 +26,8 @@ from server.engine.executor import Counters, run_tiled
 from server.engine.models import LoadedModel, load_model
 from server.engine.runtime import LocalEngine
 from server.engine.tiling import Box, Plan, TilingSpec, plan_tiles
-from server.errors import ApiError
+from server.api.errors import status_of
+from server.errors import LoupeError
 from server.imaging import Picture
 from tests import photos
 from tests.conftest import loupe_settings
@@ -91,9 +92,9 @@ def test_without_weights_aura_is_not_runnable_and_says_what_to_run(aura_weights:
     assert reason is not None and "loupe weights pull aura-sr" in reason
     assert f"place any AuraSR .safetensors file in {tmp_path / 'none' / 'aura-sr'}" in reason
     assert "import-ncnn" not in reason
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(LoupeError) as raised:
         run(empty, AURA, Picture(photos.coffee((32, 32)).copy()), (128, 128))
-    assert raised.value.status == 503 and raised.value.code == "MODEL_UNAVAILABLE"
+    assert status_of(raised.value) == 503 and raised.value.code == "MODEL_UNAVAILABLE"
     ready = LocalEngine(engine_settings(aura_weights, tmp_path / "data"))
     assert ready.unavailable_reason(AURA) is None
 
@@ -257,9 +258,9 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_native_tile(aura: LoadedMo
     assert {shape[2:] for shape in forward.shapes} == {(64, 64)}
     assert counters.oom_retries == 1 and counters.tiles == 12
     assert np.abs(recovered.astype(int) - clean).max() <= 1
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(LoupeError) as raised:
         run_tiled(photo, aura, tile=64, batch=2, seed=3, forward=FailingForward(aura))
-    assert raised.value.status == 503 and raised.value.code == "DEVICE_OUT_OF_MEMORY"
+    assert status_of(raised.value) == 503 and raised.value.code == "DEVICE_OUT_OF_MEMORY"
     assert "even one 64-pixel tile at a time" in raised.value.message
 
 

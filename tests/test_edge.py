@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,3 +92,36 @@ def test_a_cmyk_jpeg_with_a_broken_icc_profile_is_converted_plainly(served: tupl
                           files={"image": buffer.getvalue()}, timeout=60)
     assert response.status_code == 200, response.text
     assert response.json()["size"] == "64x48"
+
+
+def test_a_tiny_scale_runs_the_model_on_no_more_than_the_output_needs(served: tuple[FastAPI, str]) -> None:
+    _, url = served
+    gradient = Image.linear_gradient("L").resize((8192, 8192)).convert("RGB")
+    buffer = io.BytesIO()
+    gradient.save(buffer, format="PNG", compress_level=1)
+    fields = {"model": "realesr-animevideov3", "scale_factor": "0.01", "response_format": "b64_json"}
+    files = {"image": ("big.png", buffer.getvalue())}
+    planned = httpx.post(f"{url}/v1/images/edits?dryRun=true", data=fields, files=files, timeout=120).json()["plan"]
+    (step,) = planned["passes"]
+    assert planned["input"] == [8192, 8192]
+    assert (step["input"], step["output"], step["tiles"]) == ([41, 41], [82, 82], 1)  # resampled down first
+    response = httpx.post(f"{url}/v1/images/edits", data=fields, files=files, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["size"] == "82x82"
+
+
+def test_a_client_too_slow_to_send_its_request_is_cut_off(weights_dir: Path, tmp_path: Path) -> None:
+    from server.app import create_app
+    from server.serve import http_protocol
+
+    settings = loupe_settings(weights_dir, tmp_path, read_timeout_s=1)
+    with serve(create_app(settings), http=http_protocol(settings)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        head = b"POST /v1/images/edits HTTP/1.1\r\nHost: loupe\r\n"
+        for sent in (head, head + b"Content-Type: text/plain\r\nContent-Length: 100000\r\n\r\n0123456789"):
+            with socket.create_connection(("127.0.0.1", port)) as slow:
+                slow.sendall(sent)  # and then nothing more, as a client sending a byte now and then
+                slow.settimeout(30)
+                while slow.recv(4096):  # whatever answer comes, the server then closes the connection
+                    pass
+        assert httpx.get(f"{url}/healthz").status_code == 200

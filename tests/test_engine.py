@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import torch
 from server import catalog
 from server.config import Settings
 from server.engine.devices import DeviceWorker
-from server.engine.executor import Cancelled, run_tiled
+from server.engine.planning import PictureFacts
+from server.engine.executor import run_tiled
 from server.engine.models import (
     MAX_TILE_CUDA,
     PROFILES,
@@ -29,7 +31,8 @@ from server.engine.precision import cpu_has_native_bf16
 from server.engine.runtime import LocalEngine
 from server.engine.tiling import plan_tiles, window_side
 from server.engine.weights import MANIFEST
-from server.errors import ApiError
+from server.api.errors import status_of
+from server.errors import Cancelled, LoupeError, QueueFull
 from server.imaging import Picture
 from tests import photos
 from tests.engine_runs import run, run_async
@@ -66,9 +69,9 @@ def test_a_model_loads_in_the_precision_and_layout_the_policy_picks(tiny_weights
 
 
 def test_missing_weights_say_which_file_and_how_to_get_it(tmp_path: Path) -> None:
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(LoupeError) as raised:
         load_model("realesrgan-x4plus", tmp_path, CPU)
-    assert raised.value.status == 503 and raised.value.code == "WEIGHTS_MISSING"
+    assert status_of(raised.value) == 503 and raised.value.code == "WEIGHTS_MISSING"
     assert "loupe weights pull realesrgan-x4plus" in raised.value.message
     assert "loupe weights import-ncnn" in raised.value.message
 
@@ -85,9 +88,9 @@ def test_a_corrupt_weight_file_is_a_clear_503(tiny_weights: Path, damage: str) -
         from safetensors.torch import save_file
 
         save_file(tiny_network("realesrgan-x4plus").state_dict(), str(path))
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(LoupeError) as raised:
         load_model("realesr-animevideov3-x4", tiny_weights, CPU)
-    assert raised.value.status == 503 and raised.value.code == "WEIGHTS_CORRUPT"
+    assert status_of(raised.value) == 503 and raised.value.code == "WEIGHTS_CORRUPT"
     assert str(path) in raised.value.message and "loupe weights pull realesr-animevideov3-x4" in raised.value.message
 
 
@@ -162,8 +165,8 @@ def test_a_free_gpu_runs_x4plus_in_under_4_gib_and_batches_the_light_networks() 
 # Device queues
 
 
-def test_a_full_queue_refuses_with_429_and_retry_after(tiny_weights: Path) -> None:
-    worker = DeviceWorker(CPU, ModelCache(CPU, tiny_weights, 1 << 30), queue_size=1)
+def test_a_device_past_its_budget_refuses_with_an_honest_retry_after(tiny_weights: Path) -> None:
+    worker = DeviceWorker(CPU, ModelCache(CPU, tiny_weights, 1 << 30), budget_s=10)
     release, started = threading.Event(), threading.Event()
     ran: list[str] = []
 
@@ -173,22 +176,37 @@ def test_a_full_queue_refuses_with_429_and_retry_after(tiny_weights: Path) -> No
         return "first"
 
     try:
-        running = worker.submit(blocking)
+        running = worker.submit(blocking, worker.reserve(6))
         assert started.wait(10)
-        queued = worker.submit(lambda _: ran.append("queued"))
-        assert worker.full and worker.depth == 2
-        with pytest.raises(ApiError) as raised:
-            worker.submit(lambda _: ran.append("refused"))
-        assert raised.value.status == 429 and raised.value.code == "RATE_LIMITED"
-        assert int(raised.value.headers["Retry-After"]) >= 1
-        assert queued.cancel()  # cancelled while waiting: it never runs
+        queued = worker.submit(lambda _: ran.append("queued"), worker.reserve(3))  # 9 s of 10: admitted
+        assert worker.depth == 2
+        with pytest.raises(QueueFull) as raised:
+            worker.reserve(4)
+        # 9 s reserved, less what already ran, plus 4, is about 3 s past the budget.
+        assert 2 <= raised.value.retry_after_s <= 3 and status_of(raised.value) == 429
+        assert queued.cancel()  # cancelled while waiting: it never runs, and gives its seconds back
         release.set()
         assert running.result(10) == "first"
-        assert worker.submit(lambda _: "after").result(10) == "after"
+        deadline = time.monotonic() + 10
+        while worker.backlog_s > 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert worker.submit(lambda _: "after", worker.reserve(4)).result(10) == "after"
         assert ran == []
     finally:
         release.set()
         worker.close(10)
+
+
+def test_an_idle_device_takes_a_job_longer_than_its_budget(tiny_weights: Path) -> None:
+    worker = DeviceWorker(CPU, ModelCache(CPU, tiny_weights, 1 << 30), budget_s=1)
+    reservation = worker.reserve(50)
+    with pytest.raises(QueueFull):
+        worker.reserve(0.1)
+    reservation.release()
+    reservation.release()  # idempotent
+    worker.reserve(0.1)
+    worker.close(10)
 
 
 # The engine
@@ -242,7 +260,7 @@ def test_two_passes_chain_the_native_scales(engine: LocalEngine) -> None:
     assert [(p.scale, p.weight_id, p.input_size) for p in plan.passes] == [
         (3, "realesr-animevideov3-x3", (30, 20)), (2, "realesr-animevideov3-x2", (90, 60))]
     assert plan.executed_model == "local/realesr-animevideov3-x3+realesr-animevideov3-x2"
-    assert engine.upscale_sync(plan, picture).pixels.shape == (120, 180, 3)
+    assert engine.upscale_sync(plan, picture)[0].pixels.shape == (120, 180, 3)
 
 
 def test_the_dry_run_plan(engine: LocalEngine, tiny_weights: Path, tmp_path: Path) -> None:
@@ -278,25 +296,19 @@ def test_cancelling_a_running_job_stops_it_between_tiles(engine: LocalEngine) ->
     assert engine.stats()["tiles_processed"] == 1
 
 
-def test_a_full_engine_is_overloaded_and_refuses(tiny_weights: Path, tmp_path: Path) -> None:
-    engine = LocalEngine(engine_settings(tiny_weights, tmp_path / "data", queue_size=1))
-    release, started = threading.Event(), threading.Event()
-
-    def blocking(_: DeviceWorker) -> None:
-        started.set()
-        release.wait(30)
-
+def test_an_engine_past_its_budget_refuses_before_decoding(tiny_weights: Path, tmp_path: Path) -> None:
+    engine = LocalEngine(engine_settings(tiny_weights, tmp_path / "data", max_queue_s=1))
+    big = PictureFacts.from_header(2048, 2048, alpha=True)
+    held = engine.reserve(X4PLUS, big, (8192, 8192))  # an idle device takes it, whatever its size
     try:
-        engine.workers[0].submit(blocking)
-        assert started.wait(10) and not engine.overloaded()
-        engine.workers[0].submit(lambda _: None)
-        assert engine.overloaded()
-        with pytest.raises(ApiError) as raised:
-            run(engine, ANIME, Picture(photos.coffee((16, 16)).copy()), (64, 64))
-        assert raised.value.status == 429 and "Retry-After" in raised.value.headers
+        assert held.seconds > 1 and engine.stats()["queue_seconds"] > 1
+        with pytest.raises(QueueFull) as raised:
+            engine.reserve(ANIME, PictureFacts.from_header(16, 16, alpha=False), (64, 64))
+        assert raised.value.retry_after_s >= held.seconds - 1 - 1
     finally:
-        release.set()
+        held.release()
         asyncio.run(engine.close())
+    assert engine.stats()["queue_seconds"] == 0
 
 
 def test_concurrent_requests_never_mix(engine: LocalEngine) -> None:
@@ -341,6 +353,6 @@ def test_a_corrupt_weight_fails_the_request_with_a_503(tiny_weights: Path, tmp_p
     assert path is not None
     path.write_bytes(b"broken")
     engine = LocalEngine(engine_settings(tiny_weights, tmp_path / "data"))
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(LoupeError) as raised:
         asyncio.run(run_async(engine, ANIME, Picture(photos.coffee((16, 16)).copy()), (64, 64)))
-    assert raised.value.status == 503 and raised.value.code == "WEIGHTS_CORRUPT"
+    assert status_of(raised.value) == 503 and raised.value.code == "WEIGHTS_CORRUPT"

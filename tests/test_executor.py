@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from server.engine import executor
-from server.engine.executor import Cancelled, Counters, run_tiled
+from server.engine.executor import Counters, run_tiled
+from server.errors import Cancelled
 from server.engine.models import LoadedModel, load_model
 from server.engine.tiling import plan_remaining, plan_tiles
-from server.errors import ApiError
+from server.api.errors import status_of
+from server.errors import LoupeError
 from tests import photos
 from tests.tiny_models import tiny_model
 
@@ -127,9 +129,9 @@ def test_a_runtime_error_saying_out_of_memory_counts_as_one(anime: LoadedModel) 
 def test_out_of_memory_at_the_smallest_tile_gives_up_with_a_clear_error(anime: LoadedModel) -> None:
     photo = photos.coffee((40, 40))
     forward = CountingForward(anime, fail_on=set(range(1, 1000)))
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(LoupeError) as raised:
         run_tiled(photo, anime, tile=40, forward=forward)
-    assert raised.value.status == 503 and raised.value.code == "DEVICE_OUT_OF_MEMORY"
+    assert status_of(raised.value) == 503 and raised.value.code == "DEVICE_OUT_OF_MEMORY"
     assert "even with 20-pixel tiles" in raised.value.message
     assert isinstance(raised.value.__cause__, torch.OutOfMemoryError)
     assert forward.calls == 2  # 40 px, then 20 px; 10 px is below the minimum
@@ -149,9 +151,9 @@ def test_out_of_memory_once_tiles_are_blending_is_a_clear_error_not_a_retry(anim
 
     monkeypatch.setattr(executor._Band, "reserve", failing)
     forward = CountingForward(anime)
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(LoupeError) as raised:
         run_tiled(photos.coffee((96, 96)), anime, tile=32, forward=forward)
-    assert raised.value.status == 503 and raised.value.code == "DEVICE_OUT_OF_MEMORY"
+    assert status_of(raised.value) == 503 and raised.value.code == "DEVICE_OUT_OF_MEMORY"
     assert "blending" in raised.value.message and forward.calls == 3
 
 
@@ -187,7 +189,7 @@ def test_cancelling_stops_between_tiles(anime: LoadedModel) -> None:
 
     with pytest.raises(Cancelled) as raised:
         run_tiled(photos.coffee((96, 96)), anime, tile=32, cancel=cancel, progress=progress, forward=forward)
-    assert raised.value.status == 499
+    assert status_of(raised.value) == 499
     # The first batch was launched, the second too before the first landed (the pipeline); no more.
     assert forward.calls == 2 and reports == [(1, 9)]
 

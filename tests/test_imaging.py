@@ -15,13 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageCms, ImageOps
 
-from server.errors import ApiError
+from server.api.errors import status_of
+from server.errors import LoupeError
+from server.jobs import media_type
 from server.imaging import (
     Picture,
     decode,
     default_output_format,
     encode,
-    media_type,
     probe,
     resize,
 )
@@ -55,10 +56,10 @@ def decoded(data: bytes) -> Picture:
     return decode(data, max_pixels=LIMIT)
 
 
-def refused(data: bytes) -> ApiError:
-    with pytest.raises(ApiError) as caught:
+def refused(data: bytes) -> LoupeError:
+    with pytest.raises(LoupeError) as caught:
         decoded(data)
-    assert caught.value.status == 400 and caught.value.param == "image"
+    assert status_of(caught.value) == 400 and caught.value.param == "image"
     return caught.value
 
 
@@ -105,15 +106,12 @@ def test_every_input_format_decodes(fmt: str) -> None:
     np.testing.assert_array_equal(picture.pixels, reference)
 
 
-def test_gif_keeps_its_first_frame_and_transparency() -> None:
+def test_a_gif_keeps_its_transparency() -> None:
     first = np.zeros((20, 30, 4), np.uint8)
     first[..., 0] = 200
     first[..., 3] = 255
     first[:, :10, 3] = 0
-    second = np.full((20, 30, 4), 90, np.uint8)
-    frames = [Image.fromarray(first), Image.fromarray(second)]
-    data = pillow_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:])
-    picture = decoded(data)
+    picture = decoded(pillow_bytes(Image.fromarray(first), "GIF"))
     assert picture.channels == 4
     assert (picture.pixels[:, :10, 3] == 0).all() and (picture.pixels[:, 10:, 3] == 255).all()
     assert (picture.pixels[:, 10:, 0] == 200).all()
@@ -264,7 +262,7 @@ def test_decompression_bomb_is_refused_from_its_header() -> None:
 def test_the_pixel_limit_is_the_callers() -> None:
     data = pillow_bytes(Image.new("RGB", (100, 100)), "PNG")
     assert decode(data, max_pixels=10_000).width == 100
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(LoupeError) as caught:
         decode(data, max_pixels=9_999)
     assert caught.value.code == "IMAGE_TOO_LARGE"
 
@@ -279,7 +277,7 @@ def test_broken_files_are_refused_with_a_400() -> None:
     corrupt = bytearray(png)
     corrupt[60:80] = b"\xff" * 20
     refused(bytes(corrupt))
-    with pytest.raises(ApiError):
+    with pytest.raises(LoupeError):
         probe(b"GIF89a")
 
 
@@ -309,15 +307,15 @@ def test_mutated_files_only_ever_raise_api_errors(sample: bytes, edits: list[tup
         try:
             probe(bytes(data))
             decoded(bytes(data))
-        except ApiError as error:
-            assert error.status == 400 and error.param == "image"
+        except LoupeError as error:
+            assert status_of(error) == 400 and error.param == "image"
     assert [str(w.message) for w in caught] == []
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=300))
 def test_random_bytes_only_ever_raise_api_errors(data: bytes) -> None:
-    with pytest.raises(ApiError):
+    with pytest.raises(LoupeError):
         decoded(data)
 
 
@@ -340,15 +338,15 @@ def test_output_compression_is_the_zlib_effort_of_png() -> None:
 
 
 def test_output_compression_out_of_range_is_refused() -> None:
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(LoupeError) as caught:
         encode(Picture(np.zeros((4, 4, 3), np.uint8)), "jpeg", compression=101)
-    assert caught.value.status == 400 and caught.value.param == "output_compression"
+    assert status_of(caught.value) == 400 and caught.value.param == "output_compression"
 
 
 def test_webp_larger_than_it_can_store_is_refused() -> None:
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(LoupeError) as caught:
         encode(Picture(np.zeros((1, 16_384, 3), np.uint8)), "webp")
-    assert caught.value.status == 400 and caught.value.param == "output_format"
+    assert status_of(caught.value) == 400 and caught.value.param == "output_format"
 
 
 def test_large_png_is_split_into_bands_that_any_reader_accepts() -> None:

@@ -29,7 +29,7 @@ picture = Picture(np.random.default_rng(0).integers(0, 256, (2560, 2560, 3), dty
 small = Picture(picture.pixels[:8, :8].copy())
 engine.upscale_sync(engine.plan(entry, small, (32, 32)), small)  # the model is loaded: not counted
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-out = engine.upscale_sync(engine.plan(entry, picture, (10240, 10240)), picture).pixels
+out = engine.upscale_sync(engine.plan(entry, picture, (10240, 10240)), picture)[0].pixels
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"before": before, "after": after, "shape": list(out.shape), "dtype": str(out.dtype),
                   "tiles": engine.stats()["tiles_processed"], "spread": int(out[::97, ::97].std() > 5)}))

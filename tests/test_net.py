@@ -22,7 +22,8 @@ import pytest
 import trustme
 
 from server.config import Settings
-from server.errors import ApiError
+from server.api.errors import retryable, status_of
+from server.errors import LoupeError
 from server.net import (
     IPAddress,
     classify_address,
@@ -198,11 +199,11 @@ def _fetch(url: str, settings: Settings, **kwargs: Any) -> tuple[bytes, str | No
     return asyncio.run(fetch_image_url(url, settings=settings, **kwargs))
 
 
-def _fetch_error(url: str, settings: Settings, **kwargs: Any) -> ApiError:
-    with pytest.raises(ApiError) as caught:
+def _fetch_error(url: str, settings: Settings, **kwargs: Any) -> LoupeError:
+    with pytest.raises(LoupeError) as caught:
         _fetch(url, settings, **kwargs)
     assert caught.value.param == "image"
-    assert caught.value.retryable is False
+    assert retryable(caught.value) is False
     return caught.value
 
 
@@ -219,7 +220,7 @@ def test_loopback_is_refused_before_any_request(host: tuple[ImageHost, str]) -> 
     for url in (f"{base}/image.png", base.replace("127.0.0.1", "localhost") + "/image.png",
                 f"http://[::ffff:127.0.0.1]:{base.rsplit(':', 1)[1]}/image.png"):
         error = _fetch_error(url, _settings(allow_private_urls=False))
-        assert error.status == 400
+        assert status_of(error) == 400
         assert "non-public address (loopback)" in error.message
     assert len(app.hits) == before
 
@@ -293,7 +294,7 @@ def test_at_most_five_redirects(host: tuple[ImageHost, str]) -> None:
 def test_upstream_errors_are_the_clients_problem(host: tuple[ImageHost, str], status: int) -> None:
     _, base = host
     error = _fetch_error(f"{base}/status/{status}", _settings())
-    assert (error.status, error.message) == (400, f"could not fetch image URL: HTTP {status}")
+    assert (status_of(error), error.message) == (400, f"could not fetch image URL: HTTP {status}")
 
 
 def test_empty_response_is_refused(host: tuple[ImageHost, str]) -> None:
@@ -305,7 +306,7 @@ def test_endless_body_is_cut_at_the_cap(host: tuple[ImageHost, str]) -> None:
     _, base = host
     started = time.monotonic()
     error = _fetch_error(f"{base}/endless", _settings(max_upload_bytes=256 * 1024))
-    assert error.status == 413
+    assert status_of(error) == 413
     assert error.code == "PAYLOAD_TOO_LARGE"
     assert time.monotonic() - started < 3
 
@@ -314,7 +315,7 @@ def test_honest_content_length_is_refused_before_reading(host: tuple[ImageHost, 
     _, base = host
     started = time.monotonic()
     error = _fetch_error(f"{base}/declared-huge", _settings(url_timeout_s=10.0))
-    assert error.status == 413
+    assert status_of(error) == 413
     assert time.monotonic() - started < 3
 
 
@@ -323,14 +324,14 @@ def test_a_server_that_hangs_times_out(host: tuple[ImageHost, str], path: str) -
     _, base = host
     started = time.monotonic()
     error = _fetch_error(f"{base}{path}", _settings(url_timeout_s=0.5))
-    assert error.status == 400
+    assert status_of(error) == 400
     assert error.message == "could not fetch image URL: no complete answer within 0.5 s"
     assert time.monotonic() - started < 3
 
 
 def test_unreachable_and_unknown_hosts_are_400s() -> None:
     closed = _fetch_error(f"http://127.0.0.1:{free_port()}/image.png", _settings())
-    assert closed.status == 400
+    assert status_of(closed) == 400
     assert closed.message == "could not fetch image URL: could not connect to 127.0.0.1"
     unknown = _fetch_error("http://nowhere.test/image.png", _settings(), resolve=_fake_dns({}))
     assert unknown.message == "could not fetch image URL: the host nowhere.test could not be resolved"
@@ -342,7 +343,7 @@ def test_unreachable_and_unknown_hosts_are_400s() -> None:
 ])
 def test_only_http_urls_are_fetched(url: str) -> None:
     error = _fetch_error(url, _settings())
-    assert error.status == 400
+    assert status_of(error) == 400
 
 
 # --- TLS: certificate checked against the name while connecting to the vetted address ---------
@@ -377,7 +378,7 @@ def test_tls_uses_the_host_name_for_sni_and_verification(tls: tuple[str, ssl.SSL
 
 def test_tls_certificate_for_another_name_is_refused(tls: tuple[str, ssl.SSLContext]) -> None:
     port, context = tls
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(LoupeError) as caught:
         _fetch_tls(f"https://evil.test:{port}/image.png", context, {"evil.test": ["127.0.0.1"]})
     assert caught.value.message == "could not fetch image URL: could not connect to evil.test"
 
@@ -409,17 +410,17 @@ def test_data_uri_tolerates_line_breaks_urlsafe_alphabet_and_missing_padding() -
     ("data:image/png;base64,AAAAA", "not valid base64"),
 ])
 def test_bad_data_uris_are_400s(uri: str, words: str) -> None:
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(LoupeError) as caught:
         decode_data_uri(uri, max_bytes=1000)
-    assert (caught.value.status, caught.value.param) == (400, "image")
+    assert (status_of(caught.value), caught.value.param) == (400, "image")
     assert words in caught.value.message
 
 
 def test_data_uri_over_the_cap_is_413() -> None:
     assert decode_data_uri(_data_uri(b"x" * 100), max_bytes=100) == b"x" * 100
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(LoupeError) as caught:
         decode_data_uri(_data_uri(b"x" * 101), max_bytes=100)
-    assert (caught.value.status, caught.value.param) == (413, "image")
+    assert (status_of(caught.value), caught.value.param) == (413, "image")
 
 
 # --- read_capped ----------------------------------------------------------------------------
@@ -441,7 +442,7 @@ def test_read_capped_stops_pulling_once_over() -> None:
             pulled += 1
             yield b"x" * 1000
 
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(LoupeError) as caught:
         asyncio.run(read_capped(endless(), 2500, param="mask"))
-    assert (caught.value.status, caught.value.param) == (413, "mask")
+    assert (status_of(caught.value), caught.value.param) == (413, "mask")
     assert pulled == 3

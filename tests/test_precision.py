@@ -100,7 +100,7 @@ def test_the_policys_tiles_stay_within_45_db_of_an_fp32_full_frame(weights_dir: 
     (step,) = plan.passes
     assert len(step.tiles.tiles) >= 4
     assert step.execution.dtype == (torch.bfloat16 if precision.cpu_has_native_bf16() else torch.float32)
-    result = engine.upscale_sync(plan, picture).pixels
+    result = engine.upscale_sync(plan, picture)[0].pixels
     truth = run_tiled(picture.pixels, load_model(weight, weights_dir, CPU, "fp32"), tile=0)
     assert psnr(truth, result) >= 45  # over the whole image, its border included
 
@@ -112,7 +112,7 @@ def test_forcing_fp32_gives_the_fp32_full_frame(weights_dir: Path, tmp_path: Pat
     engine = LocalEngine(loupe_settings(weights_dir, tmp_path, precision="fp32"))
     plan = engine.plan(entry, picture, (640, 480))
     assert plan.describe()["precision"] == "fp32"
-    result = engine.upscale_sync(plan, picture).pixels
+    result = engine.upscale_sync(plan, picture)[0].pixels
     network = load_model("realesr-animevideov3-x4", weights_dir, CPU, "fp32").descriptor.model
     with torch.inference_mode():
         batch = torch.from_numpy(picture.pixels.copy()).permute(2, 0, 1)[None].float() / 255

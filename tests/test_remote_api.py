@@ -339,7 +339,7 @@ def test_no_key_reaches_a_response_or_a_log_line(
     responses += [httpx.get(f"{remote_loupe}{path}", timeout=10)
                   for path in ("/v1/models", "/v1/models/crystal-upscaler", "/metrics", "/readyz")]
 
-    assert rejected.body["message"] == "fal.ai rejected the request: image_url: bad image for key [redacted]"
+    assert rejected.body["message"] == "fal.ai rejected the request: image_url: bad image for key [REDACTED]"
     seen = [f"{response.headers}\n{response.text}" for response in responses]
     text = "\n".join([*seen, caplog.text, *(str(record.args) for record in caplog.records)])
     for secret in SECRETS:

@@ -14,7 +14,8 @@ from PIL import Image
 
 from server import catalog
 from server.config import Settings
-from server.errors import ApiError
+from server.api.errors import error_response, retryable, status_of
+from server.errors import LoupeError, UpstreamFailed, UpstreamRejected, UpstreamTimeout
 from server.jobs import Job
 from server.remote import RemoteProviders, RemoteResult
 from server.remote.breaker import CircuitBreaker
@@ -44,8 +45,8 @@ def upscale(settings: Settings, job: Job) -> RemoteResult:
     return asyncio.run(_upscale(settings, job))
 
 
-def upscale_error(settings: Settings, job: Job) -> ApiError:
-    with pytest.raises(ApiError) as caught:
+def upscale_error(settings: Settings, job: Job) -> LoupeError:
+    with pytest.raises(LoupeError) as caught:
         upscale(settings, job)
     return caught.value
 
@@ -210,7 +211,7 @@ def test_a_failing_storage_is_a_502_or_504_without_the_key_and_nothing_is_submit
     fal.reset(**behaviour)
     error = upscale_error(settings_for(fal.url, fal_upload_threshold_bytes=0), make_job("crystal-upscaler", scale=2))
 
-    assert (error.status, error.code) == (status, code)
+    assert (status_of(error), error.code) == (status, code)
     assert words in error.message
     assert_no_key(error, caplog)
     assert len(fal.initiates) == 1  # never retried blindly
@@ -247,7 +248,7 @@ def test_a_request_the_app_cannot_take_is_a_400_before_any_call(
     fal: FakeFal, model: str, scale: float, extra: dict[str, str], param: str, words: str
 ) -> None:
     error = upscale_error(settings_for(fal.url), make_job(model, scale=scale, extra=extra))
-    assert (error.status, error.param, error.retryable) == (400, param, False)
+    assert (status_of(error), error.param, retryable(error)) == (400, param, False)
     assert words in error.message
     assert fal.submits == []
 
@@ -266,7 +267,7 @@ def test_upstream_422_keeps_its_status_and_message_without_the_key(
                                               "msg": f"image too large for account {FAL_KEY}"}]}))
     error = upscale_error(settings_for(fal.url), make_job("crystal-upscaler", scale=2))
 
-    assert (error.status, error.param, error.retryable) == (422, "image", False)
+    assert (status_of(error), error.param, retryable(error)) == (422, "image", False)
     assert "image too large" in error.message
     assert_no_key(error, caplog)
     assert len(fal.submits) == 1
@@ -277,7 +278,7 @@ def test_a_failed_submit_is_a_502_and_is_never_retried(fal: FakeFal, caplog: pyt
     fal.reset(submit_error=(500, {"detail": "runner crashed while serving Authorization: Key " + FAL_KEY}))
     error = upscale_error(settings_for(fal.url), make_job("crystal-upscaler", scale=2))
 
-    assert (error.status, error.code) == (502, "UPSTREAM_ERROR")
+    assert (status_of(error), error.code) == (502, "UPSTREAM_ERROR")
     assert "runner crashed" in error.message
     assert_no_key(error, caplog)
     assert len(fal.submits) == 1
@@ -286,14 +287,14 @@ def test_a_failed_submit_is_a_502_and_is_never_retried(fal: FakeFal, caplog: pyt
 def test_a_model_timeout_reported_by_fal_is_a_504(fal: FakeFal) -> None:
     fal.reset(result_error=(504, {"detail": "Request timed out", "error_type": "request_timeout"}))
     error = upscale_error(settings_for(fal.url), make_job("realesrgan-x4plus", scale=2))
-    assert error.status == 504
+    assert status_of(error) == 504
     assert "Request timed out" in error.message
 
 
 def test_rejected_credentials_are_the_servers_problem_not_the_clients(fal: FakeFal) -> None:
     settings = settings_for(fal.url, fal_key="wrong-key-0000000000")
     error = upscale_error(settings, make_job("realesrgan-x4plus", scale=2))
-    assert (error.status, error.code, error.retryable) == (502, "UPSTREAM_AUTH", False)
+    assert (status_of(error), error.code, retryable(error)) == (502, "UPSTREAM_AUTH", False)
     assert "wrong-key" not in error.message
 
 
@@ -302,7 +303,7 @@ def test_a_hung_request_times_out_as_504_and_is_cancelled_upstream(fal: FakeFal)
     started = time.monotonic()
     error = upscale_error(settings_for(fal.url, remote_timeout_s=1.0), make_job("crystal-upscaler", scale=2))
 
-    assert error.status == 504
+    assert status_of(error) == 504
     assert "LOUPE_REMOTE_TIMEOUT_S" in error.message
     assert time.monotonic() - started < 4
     assert fal.cancelled == [fal.submits[0].id]
@@ -311,7 +312,7 @@ def test_a_hung_request_times_out_as_504_and_is_cancelled_upstream(fal: FakeFal)
 def test_a_dead_provider_is_a_fast_502() -> None:
     started = time.monotonic()
     error = upscale_error(settings_for(f"http://127.0.0.1:{free_port()}"), make_job("crystal-upscaler", scale=2))
-    assert (error.status, error.code) == (502, "UPSTREAM_ERROR")
+    assert (status_of(error), error.code) == (502, "UPSTREAM_ERROR")
     assert "unreachable" in error.message
     assert time.monotonic() - started < 5
 
@@ -335,7 +336,7 @@ def test_cancelling_the_caller_cancels_the_fal_request(fal: FakeFal) -> None:
 def test_the_breaker_opens_after_repeated_failures_and_answers_503_without_calling(fal: FakeFal) -> None:
     fal.reset(submit_error=(500, {"detail": "boom"}))
 
-    async def scenario() -> list[ApiError]:
+    async def scenario() -> list[LoupeError]:
         providers = RemoteProviders(settings_for(fal.url))
         errors = []
         job = make_job("crystal-upscaler", scale=2)
@@ -343,7 +344,7 @@ def test_the_breaker_opens_after_repeated_failures_and_answers_503_without_calli
             for _ in range(6):
                 provider = providers.route(job.entry, job.requested_model)
                 assert provider is not None
-                with pytest.raises(ApiError) as caught:
+                with pytest.raises(LoupeError) as caught:
                     await provider.upscale(job)
                 errors.append(caught.value)
         finally:
@@ -351,8 +352,8 @@ def test_the_breaker_opens_after_repeated_failures_and_answers_503_without_calli
         return errors
 
     errors = asyncio.run(scenario())
-    assert [error.status for error in errors] == [502] * 5 + [503]
-    assert int(errors[-1].headers["Retry-After"]) >= 1
+    assert [status_of(error) for error in errors] == [502] * 5 + [503]
+    assert errors[-1].retry_after_s >= 1
     assert len(fal.submits) == 5
 
 
@@ -365,9 +366,9 @@ def test_a_half_open_breaker_lets_one_probe_through_and_closes_on_success(fal: F
         async with httpx.AsyncClient() as http:
             provider = FalProvider(settings_for(fal.url), http, breaker=breaker)
             for status in (502, 503):
-                with pytest.raises(ApiError) as caught:
+                with pytest.raises(LoupeError) as caught:
                     await provider.upscale(job)
-                assert caught.value.status == status
+                assert status_of(caught.value) == status
             assert not provider.available()
             await asyncio.sleep(0.35)
             assert breaker.state == "half-open"
@@ -382,26 +383,26 @@ def test_breaker_counts_only_provider_failures() -> None:
     now = [0.0]
     breaker = CircuitBreaker("fal.ai", threshold=2, cooldown_s=10, clock=lambda: now[0])
 
-    def outcome(status: int | None) -> None:
+    def outcome(error: Exception | None) -> None:
         try:
             with breaker.call():
-                if status is not None:
-                    raise ApiError(status, "x")
-        except ApiError:
+                if error is not None:
+                    raise error
+        except Exception:
             pass
 
-    outcome(502)
-    outcome(422)  # the provider answered: the streak resets
-    outcome(502)
+    outcome(UpstreamFailed("down"))
+    outcome(UpstreamRejected(422, "bad field"))  # the provider answered: the streak resets
+    outcome(UpstreamFailed("down"))
     assert breaker.state == "closed"
-    outcome(504)
+    outcome(KeyError("a bug Loupe did not foresee"))  # counts as a failure too
     assert breaker.state == "open"
-    with pytest.raises(ApiError) as caught, breaker.call():
+    with pytest.raises(LoupeError) as caught, breaker.call():
         pass
-    assert caught.value.status == 503
+    assert status_of(caught.value) == 503
     now[0] = 10.0
     assert breaker.state == "half-open"
-    outcome(502)  # the probe failed: open again for a full cool-down
+    outcome(UpstreamTimeout("slow"))  # the probe failed: open again for a full cool-down
     assert breaker.state == "open"
 
 
@@ -428,14 +429,14 @@ def test_dry_run_prices_the_output_without_calling_fal(fal: FakeFal) -> None:
                                            "billable_quantity": 3, "unit_price": 0.08, "total_cost": 240_000}
     assert topaz["total_cost_micros"] == 240_000
 
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(LoupeError) as caught:
         asyncio.run(dry(make_job("topaz-image-upscale", scale=5)))
-    assert caught.value.status == 400
+    assert status_of(caught.value) == 400
     assert fal.submits == []
 
 
-def assert_no_key(error: ApiError, caplog: pytest.LogCaptureFixture) -> None:
+def assert_no_key(error: LoupeError, caplog: pytest.LogCaptureFixture) -> None:
     for secret in (FAL_KEY, *FAL_KEY.split(":")):
         assert secret not in error.message
-        assert secret not in str(error.body())
+        assert secret not in error_response(error).body.decode()
         assert secret not in caplog.text

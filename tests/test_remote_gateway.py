@@ -11,7 +11,8 @@ from PIL import Image
 
 from server import catalog
 from server.config import Settings
-from server.errors import ApiError
+from server.api.errors import error_response, retryable, status_of
+from server.errors import LoupeError
 from server.jobs import Job
 from server.remote import RemoteProviders, RemoteResult
 from tests.fake_upstreams import FAL_KEY, GATEWAY_KEY, FakeGateway, encoded, make_job, pattern
@@ -38,8 +39,8 @@ def upscale(settings: Settings, job: Job) -> RemoteResult:
     return asyncio.run(_call(settings, job))
 
 
-def upscale_error(settings: Settings, job: Job) -> ApiError:
-    with pytest.raises(ApiError) as caught:
+def upscale_error(settings: Settings, job: Job) -> LoupeError:
+    with pytest.raises(LoupeError) as caught:
         upscale(settings, job)
     return caught.value
 
@@ -91,7 +92,7 @@ def test_dry_run_is_forwarded_and_reports_the_gateways_cost(gateway: FakeGateway
 
 def test_a_scale_the_model_cannot_take_is_a_400_before_any_call(gateway: FakeGateway) -> None:
     error = upscale_error(settings_for(f"{gateway.url}/v1"), make_job("google-upscaler", scale=3))
-    assert (error.status, error.param) == (400, "scale_factor")
+    assert (status_of(error), error.param) == (400, "scale_factor")
     assert "2 or 4" in error.message
     assert gateway.calls == []
 
@@ -118,7 +119,7 @@ def test_upstream_errors_are_mapped(
 ) -> None:
     gateway.reset(error=(upstream_status, {"error": upstream_error}))
     error = upscale_error(settings_for(f"{gateway.url}/v1"), make_job("crystal-upscaler", scale=2))
-    assert (error.status, error.code, error.param) == (status, code, param)
+    assert (status_of(error), error.code, error.param) == (status, code, param)
     assert upstream_error["message"] in error.message
 
 
@@ -126,13 +127,13 @@ def test_rejected_credentials_never_show_the_key(gateway: FakeGateway, caplog: p
     caplog.set_level(logging.DEBUG)
     gateway.reset(error=(500, {"error": {"message": f"bad header Bearer {GATEWAY_KEY}", "code": "X"}}))
     error = upscale_error(settings_for(f"{gateway.url}/v1"), make_job("crystal-upscaler", scale=2))
-    assert error.status == 502
-    assert "[redacted]" in error.message
+    assert status_of(error) == 502
+    assert "[REDACTED]" in error.message
 
     wrong = upscale_error(settings_for(f"{gateway.url}/v1", gateway_key="lmnfl_wrong-key-999999"),
                           make_job("crystal-upscaler", scale=2))
-    assert (wrong.status, wrong.code, wrong.retryable) == (502, "UPSTREAM_AUTH", False)
-    for text in (error.message, str(error.body()), wrong.message, caplog.text):
+    assert (status_of(wrong), wrong.code, retryable(wrong)) == (502, "UPSTREAM_AUTH", False)
+    for text in (error.message, error_response(error).body.decode(), wrong.message, caplog.text):
         assert GATEWAY_KEY not in text
         assert "lmnfl_wrong-key-999999" not in text
 
@@ -140,9 +141,9 @@ def test_rejected_credentials_never_show_the_key(gateway: FakeGateway, caplog: p
 def test_a_slow_gateway_is_a_504_and_a_dead_one_a_502(gateway: FakeGateway) -> None:
     gateway.reset(delay_s=3)
     slow = upscale_error(settings_for(f"{gateway.url}/v1", remote_timeout_s=1), make_job("crystal-upscaler", scale=2))
-    assert slow.status == 504
+    assert status_of(slow) == 504
     dead = upscale_error(settings_for(f"http://127.0.0.1:{free_port()}/v1"), make_job("crystal-upscaler", scale=2))
-    assert (dead.status, dead.code) == (502, "UPSTREAM_ERROR")
+    assert (status_of(dead), dead.code) == (502, "UPSTREAM_ERROR")
 
 
 def test_fal_is_preferred_and_the_gateway_takes_what_fal_cannot_run() -> None:
@@ -179,8 +180,8 @@ def test_an_open_fal_breaker_sends_its_models_to_the_gateway(gateway: FakeGatewa
                 assert provider is not None
                 try:
                     await provider.upscale(job)
-                except ApiError as error:
-                    assert error.status == 502
+                except LoupeError as error:
+                    assert status_of(error) == 502
                 served_by.append(provider.name)
         finally:
             await providers.aclose()

@@ -6,8 +6,6 @@ output over LOUPE_MAX_OUTPUT_SIDE); `overload` also when the local queue is full
 """
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,24 +154,14 @@ def test_an_output_over_the_local_limit_is_a_400_under_never(
 
 @contextmanager
 def busy_worker(app: FastAPI) -> Iterator[None]:
-    """Fill the one-slot local queue: a job that runs until released, and a second waiting behind it.
-
-    The held jobs go straight to the device worker, so that the test holds it busy without burning CPU.
-    """
+    """Spend the device's whole queue budget, as a queued job would, without burning CPU."""
     services: Services = app.state.services
     (worker,) = services.engine.workers
-    release = threading.Event()
+    held = worker.reserve(worker.budget_s)
     try:
-        worker.submit(lambda _: release.wait())
-        deadline = time.monotonic() + 10
-        while worker.full:  # until the worker has taken the first job off the queue
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        worker.submit(lambda _: release.wait())
-        assert services.engine.overloaded()
         yield
     finally:
-        release.set()
+        held.release()
 
 
 @pytest.mark.parametrize(("fallback", "status", "provider"), [("overload", 200, "fal"), ("unavailable", 429, None)])
@@ -181,7 +169,7 @@ def test_a_full_local_queue_goes_to_fal_only_under_overload(
     fal: FakeFal, weights_dir: Path, tmp_path: Path, picture_path: Path, fallback: str, status: int,
     provider: str | None,
 ) -> None:
-    with loupe(weights_dir, tmp_path, fal, fallback=fallback, queue_size=1) as (url, app):
+    with loupe(weights_dir, tmp_path, fal, fallback=fallback) as (url, app):
         with busy_worker(app):
             if provider is not None:
                 assert provider_of(edit(url, picture_path, "realesr-animevideov3", 2)) == provider

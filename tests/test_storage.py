@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from server.errors import ApiError
+from server.api.errors import status_of
+from server.errors import LoupeError
 from server.storage import ResultStore
 
 TTL = 600
@@ -78,9 +79,9 @@ def test_full_disk_is_a_507_for_that_request_only(store: ResultStore, monkeypatc
 
     with monkeypatch.context() as patch:
         patch.setattr(os, "fsync", disk_full)
-        with pytest.raises(ApiError) as caught:
+        with pytest.raises(LoupeError) as caught:
             store.save(b"result", "png")
-    assert (caught.value.status, caught.value.code) == (507, "STORAGE_UNAVAILABLE")
+    assert (status_of(caught.value), caught.value.code) == (507, "STORAGE_UNAVAILABLE")
     assert "full" in caught.value.message
     assert os.listdir(store.root) == []
     assert store.open(store.save(b"result", "png")) is not None
@@ -91,9 +92,9 @@ def test_unwritable_directory_is_a_500_for_that_request_only(tmp_path: Path) -> 
     blocker = tmp_path / "data"
     blocker.write_bytes(b"not a directory")
     store = ResultStore(blocker / "results", TTL)
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(LoupeError) as caught:
         store.save(b"result", "png")
-    assert (caught.value.status, caught.value.code) == (500, "STORAGE_UNAVAILABLE")
+    assert (status_of(caught.value), caught.value.code) == (500, "STORAGE_UNAVAILABLE")
     assert str(blocker) not in caught.value.message
     blocker.unlink()
     assert store.open(store.save(b"result", "png")) is not None

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, StreamingResponse
 
-from server.errors import ApiError
+from server.api.guards import principal
+from server.errors import NotFound
 from server.serving import Services
 
 results_router = APIRouter()
@@ -19,7 +20,7 @@ async def get_result(name: str, request: Request) -> FileResponse:
     services: Services = request.app.state.services
     found = services.store.open(name)
     if found is None:
-        raise ApiError(404, "this result does not exist or has expired", code="RESULT_NOT_FOUND", retryable=False)
+        raise NotFound("this result does not exist or has expired", code="RESULT_NOT_FOUND")
     path, media_type = found
     return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
@@ -27,9 +28,11 @@ async def get_result(name: str, request: Request) -> FileResponse:
 @progress_router.get("/progress/{request_id}", summary="Server-sent events: the progress of a running request")
 async def watch_progress(request_id: str, request: Request) -> StreamingResponse:
     services: Services = request.app.state.services
+    owner = principal(request)
+    services.progress.check_watcher(request_id, owner)
 
     async def events() -> AsyncIterator[str]:
-        async for state in services.progress.watch(request_id):
+        async for state in services.progress.watch(request_id, owner):
             if await request.is_disconnected():
                 return
             yield f"data: {json.dumps(state.as_dict())}\n\n"

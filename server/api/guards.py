@@ -1,6 +1,7 @@
 """Per-request admission for /v1: API keys and the per-key rate limit."""
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 import threading
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from server.config import Settings
-from server.errors import ApiError
+from server.errors import AuthenticationFailed, RateLimited
 
 
 @dataclass
@@ -36,8 +37,8 @@ class RateLimiter:
             bucket.updated = now
             if bucket.tokens < 1:
                 wait = math.ceil((1 - bucket.tokens) / self.rate)
-                raise ApiError(429, f"rate limit of {self.rate:g} requests per second exceeded; retry in {wait} s",
-                               code="RATE_LIMITED", headers={"Retry-After": str(wait)})
+                raise RateLimited(f"rate limit of {self.rate:g} requests per second exceeded; retry in {wait} s",
+                                  retry_after_s=wait)
             bucket.tokens -= 1
             if len(self._buckets) > 10_000:
                 self._forget_full(now)
@@ -52,13 +53,19 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def principal(request: Request) -> str | None:
+    """Who sent an admitted request: a digest of its API key, or None when the server has no keys."""
+    settings: Settings = request.app.state.services.settings
+    token = _bearer(request)
+    return hashlib.sha256(token.encode()).hexdigest() if settings.api_keys and token else None
+
+
 def admit(request: Request) -> None:
     """The dependency every /v1 route has: a valid key when keys are set, then the rate limit."""
     settings: Settings = request.app.state.services.settings
     token = _bearer(request)
     if settings.api_keys and not (token and any(hmac.compare_digest(token, key) for key in settings.api_keys)):
-        raise ApiError(401, "a valid API key is required: send `Authorization: Bearer <key>`",
-                       code="AUTHENTICATION_FAILED", type="authentication_error", retryable=False)
+        raise AuthenticationFailed("a valid API key is required: send `Authorization: Bearer <key>`")
     limiter: RateLimiter | None = request.app.state.rate_limiter
     if limiter is not None:
         client = request.client.host if request.client else "unknown"

@@ -2,20 +2,22 @@
 from __future__ import annotations
 
 import asyncio
-import math
+import json
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from server import catalog, imaging, net
+from server.api.guards import principal
 from server.api.protocol import DryRunResponse, EditForm, ErrorResponse, ImagesResponse
-from server.catalog import ModelEntry, ParamRange
+from server.catalog import ModelEntry
 from server.config import Settings
-from server.errors import ApiError, invalid
+from server.errors import Cancelled, DeadlineExceeded, InvalidInput, NotFound, UnsupportedMediaType
 from server.jobs import Job, OutputFormat, SourceImage
 from server.serving import Services, dry_run, run
 
@@ -51,8 +53,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 )
 async def edit_image(
     request: Request, dry_run_flag: bool = Query(False, alias="dryRun", description="Check and plan without running")
-) -> JSONResponse:
+) -> Response:
     services: Services = request.app.state.services
+    services.progress.claim(request.state.request_id, principal(request))
     try:
         return await _edit(request, services, dry_run_flag)
     except BaseException:
@@ -61,7 +64,7 @@ async def edit_image(
         raise
 
 
-async def _edit(request: Request, services: Services, dry_run_flag: bool) -> JSONResponse:
+async def _edit(request: Request, services: Services, dry_run_flag: bool) -> Response:
     settings = services.settings
     form, image_field, extra = await _read_form(request, settings)
     entry = _resolve_model(form.model, services)
@@ -78,7 +81,28 @@ async def _edit(request: Request, services: Services, dry_run_flag: bool) -> JSO
     cancel = threading.Event()
     response = await _run_until_disconnect(request, run(job, services, cancel, base_url), cancel, settings)
     request.state.provider = headers["X-Loupe-Provider"] = response.metadata.provider
-    return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
+    return StreamingResponse(_images_body(response), media_type="application/json", headers=headers)
+
+
+def _images_body(response: ImagesResponse) -> Iterator[bytes]:
+    """The response's JSON, each distinct image encoded once: the n copies of a deterministic result, sent as
+    b64_json, take the memory of one."""
+    fields = response.model_dump(exclude_none=True)
+    del fields["data"]
+    yield _json(fields)[:-1] + b',"data":['
+    encoded: dict[int, bytes] = {}
+    for index, item in enumerate(response.data):
+        key = id(item.b64_json) if item.b64_json is not None else id(item)
+        if key not in encoded:
+            encoded[key] = _json(item.model_dump(exclude_none=True))
+        if index:
+            yield b","
+        yield encoded[key]
+    yield b"]}"
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 async def _run_until_disconnect(request: Request, work: Any, cancel: threading.Event, settings: Settings) -> Any:
@@ -93,9 +117,9 @@ async def _run_until_disconnect(request: Request, work: Any, cancel: threading.E
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         if watcher in done:
-            raise ApiError(499, "the client closed the request", code="CLIENT_CLOSED", retryable=False)
-        raise ApiError(504, f"the request took longer than {settings.request_timeout_s:g} s (LOUPE_REQUEST_TIMEOUT_S)",
-                       code="REQUEST_TIMEOUT", retryable=False)
+            raise Cancelled("the client closed the request", code="CLIENT_CLOSED")
+        raise DeadlineExceeded(f"the request took longer than {settings.request_timeout_s:g} s "
+                               "(LOUPE_REQUEST_TIMEOUT_S)")
     finally:
         watcher.cancel()
 
@@ -108,23 +132,21 @@ async def _wait_for_disconnect(request: Request) -> None:
 async def _read_form(request: Request, settings: Settings) -> tuple[EditForm, UploadFile | str, dict[str, str]]:
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        raise ApiError(415, "send the request as multipart/form-data, as the openai SDK does", code="UNSUPPORTED_MEDIA_TYPE",
-                       retryable=False)
+        raise UnsupportedMediaType("send the request as multipart/form-data, as the openai SDK does")
     # A data: URI image is a text field, so text parts may be as large as an upload, base64-encoded.
-    max_part = math.ceil(settings.max_upload_bytes * 4 / 3) + 1024
-    form = await request.form(max_files=2, max_fields=_MAX_FIELDS, max_part_size=max_part)
+    form = await request.form(max_files=2, max_fields=_MAX_FIELDS, max_part_size=settings.max_image_field_chars)
     images = form.getlist("image") + form.getlist("image[]")
     if not images:
-        raise invalid("the image field is required: a file, an http(s) URL or a data: URI", "image")
+        raise InvalidInput("the image field is required: a file, an http(s) URL or a data: URI", "image")
     if len(images) > 1:
-        raise invalid("send one image per request", "image")
+        raise InvalidInput("send one image per request", "image")
     fields: dict[str, str] = {}
     extra: dict[str, str] = {}
     for key, value in form.multi_items():
         if key in ("image", "image[]"):
             continue
         if not isinstance(value, str):
-            raise invalid(f"only `image` may be a file; `{key}` was a file", key)
+            raise InvalidInput(f"only `image` may be a file; `{key}` was a file", key)
         if key in _KNOWN_FIELDS:
             fields[key] = value
         else:
@@ -135,7 +157,7 @@ async def _read_form(request: Request, settings: Settings) -> tuple[EditForm, Up
         first = error.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None
         message = first["msg"].removeprefix("Value error, ")
-        raise invalid(f"{param}: {message}" if param else message, param) from None
+        raise InvalidInput(f"{param}: {message}" if param else message, param) from None
     return parsed, images[0], extra
 
 
@@ -145,8 +167,8 @@ def _resolve_model(name: str, services: Services) -> ModelEntry:
         return entry
     if services.providers.route(None, name) is not None:
         return ModelEntry(id=name, description="forwarded unchanged to the gateway", default_scale=2)
-    raise ApiError(404, f"the model `{name}` does not exist; GET /v1/models lists the models", param="model",
-                   code="MODEL_NOT_FOUND", retryable=False)
+    raise NotFound(f"the model `{name}` does not exist; GET /v1/models lists the models", "model",
+                   code="MODEL_NOT_FOUND")
 
 
 async def _load_image(field: UploadFile | str, settings: Settings) -> SourceImage:
@@ -160,14 +182,15 @@ async def _load_image(field: UploadFile | str, settings: Settings) -> SourceImag
         data, _ = await net.fetch_image_url(field, settings=settings)
         filename = field.rsplit("/", 1)[-1][:100] or "image"
     else:
-        raise invalid("image must be a file, an http(s) URL or a data: URI", "image")
+        raise InvalidInput("image must be a file, an http(s) URL or a data: URI", "image")
     if not data:
-        raise invalid("the image is empty", "image")
+        raise InvalidInput("the image is empty", "image")
     info = await asyncio.to_thread(imaging.probe, data)
     if info.width * info.height > settings.max_input_pixels:
-        raise ApiError(400, f"the image is {info.width}x{info.height}, over the limit of {settings.max_input_pixels} pixels "
-                       "(LOUPE_MAX_INPUT_PIXELS)", param="image", code="IMAGE_TOO_LARGE")
-    return SourceImage(data=data, width=info.width, height=info.height, format=info.format, filename=filename)
+        raise InvalidInput(f"the image is {info.width}x{info.height}, over the limit of {settings.max_input_pixels} "
+                           "pixels (LOUPE_MAX_INPUT_PIXELS)", "image", code="IMAGE_TOO_LARGE")
+    return SourceImage(data=data, width=info.width, height=info.height, format=info.format, filename=filename,
+                       alpha=info.alpha)
 
 
 async def _chunks(upload: UploadFile, size: int = 1 << 20) -> Any:
@@ -205,13 +228,13 @@ def _target(form: EditForm, entry: ModelEntry, source: SourceImage) -> tuple[flo
     size = form.size_pixels()
     if size is not None:
         if form.scale_factor is not None:
-            raise invalid("give scale_factor or size, not both", "size")
+            raise InvalidInput("give scale_factor or size, not both", "size")
         target_w, target_h = size
         if target_w < 1 or target_h < 1:
-            raise invalid("size must be at least 1x1", "size")
+            raise InvalidInput("size must be at least 1x1", "size")
         scale = target_w / width
         if abs(round(height * scale) - target_h) > 1 and abs(round(width * target_h / height) - target_w) > 1:
-            raise invalid(
+            raise InvalidInput(
                 f"size {target_w}x{target_h} does not keep the input's aspect ratio ({width}x{height}); "
                 "use scale_factor, or a size with the same ratio",
                 "size",
@@ -224,11 +247,5 @@ def _target(form: EditForm, entry: ModelEntry, source: SourceImage) -> tuple[flo
 
 
 def _check_scale(entry: ModelEntry, scale: float, param: str) -> None:
-    allowed: ParamRange = entry.scale
-    if allowed.choices is not None and not any(math.isclose(scale, c, rel_tol=1e-3) for c in allowed.choices):
-        choices = " or ".join(f"{c:g}" for c in allowed.choices)
-        raise invalid(f"{entry.id} takes a scale of {choices} only, not {scale:g}", param)
-    if (allowed.minimum is not None and scale < allowed.minimum - 1e-9) or (
-        allowed.maximum is not None and scale > allowed.maximum + 1e-9
-    ):
-        raise invalid(f"{entry.id} takes a scale from {allowed.minimum:g} to {allowed.maximum:g}, not {scale:g}", param)
+    if not entry.scale.allows(scale):
+        raise InvalidInput(f"{entry.id} takes a scale {entry.scale.describe()}, not {scale:g}", param)

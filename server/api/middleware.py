@@ -14,7 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ApiError
+from server.api.errors import ProtocolError, error_response
+from server.errors import Cancelled, InternalError, InvalidInput, LoupeError, ShuttingDown, TooLarge
 from server.metrics import Metrics
 from server.logs import request_id_var
 
@@ -25,15 +26,6 @@ _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 
 def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
-
-
-def error_response(error: ApiError, request_id: str | None = None) -> JSONResponse:
-    headers = dict(error.headers)
-    if not error.retryable:
-        headers["x-should-retry"] = "false"
-    if request_id:
-        headers["X-Request-Id"] = request_id
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 class RequestIdMiddleware:
@@ -116,25 +108,25 @@ class RequestLimitsMiddleware:
                 await error_response(self._too_large(), request_id)(scope, receive, send)
 
     @staticmethod
-    def _oversized_head(scope: Scope) -> ApiError | None:
+    def _oversized_head(scope: Scope) -> ProtocolError | None:
         if len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string", b"")) > MAX_URL_BYTES:
-            return ApiError(414, f"the URL is over {MAX_URL_BYTES} bytes", code="URI_TOO_LONG", retryable=False)
+            return ProtocolError(414, f"the URL is over {MAX_URL_BYTES} bytes", code="URI_TOO_LONG")
         if sum(len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES:
-            return ApiError(431, f"the request headers are over {MAX_HEADER_BYTES} bytes", code="HEADERS_TOO_LARGE",
-                            retryable=False)
+            return ProtocolError(431, f"the request headers are over {MAX_HEADER_BYTES} bytes",
+                                 code="HEADERS_TOO_LARGE")
         return None
 
-    def _too_large(self) -> ApiError:
-        return ApiError(413, f"the request body is over {self.max_bytes} bytes (LOUPE_MAX_UPLOAD_BYTES plus form overhead)",
-                        param="image", code="PAYLOAD_TOO_LARGE", retryable=False)
+    def _too_large(self) -> TooLarge:
+        return TooLarge(f"the request body is over {self.max_bytes} bytes (LOUPE_MAX_UPLOAD_BYTES as base64, plus form overhead)",
+                        "image")
 
 
 def install_error_handlers(app: FastAPI) -> None:
     def request_id(request: Request) -> str | None:
         return getattr(request.state, "request_id", None)
 
-    @app.exception_handler(ApiError)
-    async def on_api_error(request: Request, error: ApiError) -> JSONResponse:
+    @app.exception_handler(LoupeError)
+    async def on_domain_error(request: Request, error: LoupeError) -> JSONResponse:
         return error_response(error, request_id(request))
 
     @app.exception_handler(RequestValidationError)
@@ -143,24 +135,23 @@ def install_error_handlers(app: FastAPI) -> None:
         loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
         param = loc[0] if loc else None
         message = f"{param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg", "invalid request"))
-        return error_response(ApiError(400, message, param=param), request_id(request))
+        return error_response(InvalidInput(message, param), request_id(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(error.status_code)
-        return error_response(ApiError(error.status_code, str(error.detail), code=code), request_id(request))
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(error.status_code, "INVALID_REQUEST")
+        return error_response(ProtocolError(error.status_code, str(error.detail), code=code), request_id(request))
 
     @app.exception_handler(ClientDisconnect)
     async def on_client_gone(request: Request, error: ClientDisconnect) -> JSONResponse:
         # Nobody reads this answer; it only keeps a vanished client out of the error log.
-        return error_response(ApiError(499, "the client closed the request", code="CLIENT_CLOSED", retryable=False),
-                              request_id(request))
+        return error_response(Cancelled("the client closed the request", code="CLIENT_CLOSED"), request_id(request))
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(ApiError(500, "internal error; the server log has the details", code="INTERNAL_ERROR"),
-                              request_id(request))
+        # Starlette runs this after the middleware stack has unwound, so the request id is given here.
+        log.exception("unhandled error", extra={"request_id": request_id(request)})
+        return error_response(InternalError("internal error; the server log has the details"), request_id(request))
 
 
 class Admission:
@@ -186,8 +177,7 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         if self.admission.draining:
-            error = ApiError(503, "the server is shutting down; retry on another instance or shortly",
-                             code="SHUTTING_DOWN", headers={"Retry-After": "5", "Connection": "close"})
+            error = ShuttingDown("the server is shutting down; retry on another instance or shortly")
             await error_response(error, scope.get("state", {}).get("request_id"))(scope, receive, send)
             return
         self.admission.active += 1

@@ -8,14 +8,16 @@ from fastapi import APIRouter, Request
 from server import catalog
 from server.api.protocol import ModelCard, ModelList
 from server.catalog import ModelEntry
-from server.errors import ApiError
+from server.errors import NotFound
+from server.routing import remote_for
 from server.serving import Services
 
 router = APIRouter()
 _CREATED = 1_735_689_600  # 2025-01-01: model cards need a stable creation time
 
 
-def _card(entry: ModelEntry, services: Services) -> ModelCard:
+def _card(entry: ModelEntry, services: Services, name: str | None = None) -> ModelCard:
+    """`name`: an alias of the entry, listed as a model of its own because gateway clients look for it as an id."""
     local = None
     where = None
     if entry.local is not None:
@@ -26,13 +28,13 @@ def _card(entry: ModelEntry, services: Services) -> ModelCard:
                  "layout": execution.layout}
         if reason is None:
             where = "local"
-    provider = services.providers.route(entry, entry.id)
-    usable = provider is not None and (entry.local is None or services.settings.fallback != "never")
-    remote = [provider.name] if usable and provider is not None else []
+    provider = remote_for(entry, entry.id, services.settings, services.providers)
+    remote = [provider.name] if provider is not None else []
     if where is None and remote:
         where = remote[0]
     return ModelCard(
-        id=entry.id,
+        id=name or entry.id,
+        alias_of=entry.id if name not in (None, entry.id) else None,
         created=_CREATED,
         owned_by=entry.owned_by,
         description=entry.description,
@@ -49,12 +51,12 @@ def _card(entry: ModelEntry, services: Services) -> ModelCard:
 @router.get("/models", response_model=ModelList, summary="List models")
 async def list_models(request: Request) -> ModelList:
     services: Services = request.app.state.services
-    return ModelList(data=[_card(entry, services) for entry in catalog.MODELS])
+    return ModelList(data=[_card(entry, services, name) for entry in catalog.MODELS for name in (entry.id, *entry.aliases)])
 
 
 @router.get("/models/{model_id}", response_model=ModelCard, summary="Describe one model")
 async def get_model(model_id: str, request: Request) -> ModelCard:
     entry = catalog.find(model_id)
     if entry is None:
-        raise ApiError(404, f"the model `{model_id}` does not exist", param="model", code="MODEL_NOT_FOUND", retryable=False)
-    return _card(entry, request.app.state.services)
+        raise NotFound(f"the model `{model_id}` does not exist", "model", code="MODEL_NOT_FOUND")
+    return _card(entry, request.app.state.services, model_id)

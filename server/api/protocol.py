@@ -101,6 +101,7 @@ class ModelCard(BaseModel):
     owned_by: str
     description: str
     aliases: list[str]
+    alias_of: str | None = None  # for a gateway id such as `real-esrgan`: the model it names
     default_scale: float
     runnable: bool
     where: Literal["local", "fal", "gateway"] | None

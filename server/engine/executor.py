@@ -28,7 +28,7 @@ import torch
 from server.engine.aura import SeededNoise
 from server.engine.models import LoadedModel
 from server.engine.tiling import Box, Plan, Tile, TilingSpec, plan_remaining, plan_tiles
-from server.errors import ApiError
+from server.errors import Cancelled, OutOfDeviceMemory
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,6 @@ _FLUSH_ROWS = 64  # rows quantized at a time, bounding the temporaries
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]
-
-
-class Cancelled(ApiError):
-    """The job's cancel event was set (its client went away, or it timed out); raised between batches."""
-
-    def __init__(self) -> None:
-        super().__init__(499, "the job was cancelled", code="CANCELLED", retryable=False)
 
 
 @dataclass
@@ -148,7 +141,7 @@ class _Run:
         index, pending = 0, None
         while index < len(plan.tiles):
             if cancel is not None and cancel.is_set():
-                raise Cancelled()
+                raise Cancelled("the job was cancelled")
             group = _batch_at(plan.tiles, index, self.batch)
             try:
                 outputs, failure = self._run_forward(plan, group), None
@@ -233,9 +226,9 @@ class _Run:
             ready.record()
         return _Launched(plan, index + len(outputs.tiles) - 1, outputs.tiles, ready)
 
-    def _out_of_memory(self, how: str) -> ApiError:
-        return ApiError(503, f"{self.model.device} ran out of memory running {self.model.weight_id} {how}; retry "
-                             "later or on a larger device", code="DEVICE_OUT_OF_MEMORY")
+    def _out_of_memory(self, how: str) -> OutOfDeviceMemory:
+        return OutOfDeviceMemory(f"{self.model.device} ran out of memory running {self.model.weight_id} {how}; retry "
+                                 "later or on a larger device")
 
     @contextlib.contextmanager
     def _fatal_out_of_memory(self, how: str) -> Iterator[None]:

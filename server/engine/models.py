@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from server.engine.aura import SeededBatch
 from server.engine.precision import Capabilities, Execution, PrecisionSetting
 from server.engine.tiling import TilingSpec, window_side
 from server.engine.weights import MANIFEST, find_weights
-from server.errors import ApiError
+from server.errors import ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +167,8 @@ def load_model(weight_id: str, weights_dir: Path, device: torch.device,
     weight = MANIFEST[weight_id]
     path = find_weights(weight_id, weights_dir)
     if path is None:
-        raise ApiError(503, f"the weights for {weight_id} are not in {weights_dir}: run "
-                            f"{fetch_hint(weight_id, weights_dir)}", param="model", code="WEIGHTS_MISSING",
-                       retryable=False)
+        raise ModelUnavailable(f"the weights for {weight_id} are not in {weights_dir}: run "
+                               f"{fetch_hint(weight_id, weights_dir)}", code="WEIGHTS_MISSING")
     try:
         descriptor = spandrel.ModelLoader(device="cpu").load_from_file(path)
     except Exception as error:  # a truncated or foreign file fails in many ways; each means the same
@@ -194,10 +194,9 @@ def load_model(weight_id: str, weights_dir: Path, device: torch.device,
                        params, nbytes, tile, batch)
 
 
-def _corrupt(weight_id: str, weights_dir: Path, path: Path, why: str) -> ApiError:
-    return ApiError(503, f"the weights file {path} for {weight_id} can't be used ({why}): fetch it again with "
-                         f"{fetch_hint(weight_id, weights_dir)}", param="model", code="WEIGHTS_CORRUPT",
-                    retryable=False)
+def _corrupt(weight_id: str, weights_dir: Path, path: Path, why: str) -> ModelUnavailable:
+    return ModelUnavailable(f"the weights file {path} for {weight_id} can't be used ({why}): fetch it again with "
+                            f"{fetch_hint(weight_id, weights_dir)}", code="WEIGHTS_CORRUPT")
 
 
 def parameter_count(weight_id: str, weights_dir: Path) -> int | None:
@@ -233,6 +232,7 @@ class ModelCache:
         self._on_load = on_load
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
+        self.loading_s = 0.0  # spent loading, in all: a job's run time less this is its compute
 
     def get(self, weight_id: str) -> LoadedModel:
         with self._lock:
@@ -240,7 +240,9 @@ class ModelCache:
             if model is not None:
                 self._models.move_to_end(weight_id)
                 return model
+            started = time.monotonic()
             model = load_model(weight_id, self.weights_dir, self.device, self.precision)
+            self.loading_s += time.monotonic() - started
             self._models[weight_id] = model
             self._evict(keep=weight_id)
         if self._on_load is not None:

@@ -44,6 +44,24 @@ def plan_passes(scale: float, natives: Sequence[int]) -> list[int]:
     return list(min(reaching, key=math.prod))
 
 
+def model_input_size(size: tuple[int, int], target: tuple[int, int], passes: Sequence[int],
+                     max_side: int) -> tuple[int, int]:
+    """What the picture is resampled to before its first pass, so that a job's work is bounded by its output.
+
+    At or below 1× the model's input shrinks until its output just covers the target. Above 1× the input is
+    kept, unless the passes would make an intermediate over `max_side` a side; then it shrinks to fit, never
+    below what covers the target.
+    """
+    width, height = size
+    product = math.prod(passes)
+    covering = (math.ceil(target[0] / product), math.ceil(target[1] / product))
+    if target[0] <= width and target[1] <= height:
+        return min(width, covering[0]), min(height, covering[1])
+    factor = min(1.0, max_side / (max(width, height) * product))
+    return (max(covering[0], min(width, math.floor(width * factor))),
+            max(covering[1], min(height, math.floor(height * factor))))
+
+
 def constant_alpha(picture: Picture) -> int | None:
     """The value of a picture's alpha channel when it is the same everywhere; None otherwise or without alpha."""
     if not picture.has_alpha:
@@ -59,12 +77,16 @@ def model_runs(picture_channels: int, alpha_is_constant: bool, passes: list[int]
     return len(passes) * (2 if has_alpha and not alpha_is_constant else 1)
 
 
-def upscale_picture(picture: Picture, target: tuple[int, int], passes: Sequence[int], run_rgb: RunRgb) -> Picture:
-    """`picture` through the native `passes` (a job plan's, see `plan_passes`), resampled to exactly `target`
-    (width, height); same channels, bit depth and ICC profile."""
+def upscale_picture(picture: Picture, target: tuple[int, int], passes: Sequence[int], run_rgb: RunRgb,
+                    model_input: tuple[int, int] | None = None) -> Picture:
+    """`picture`, resampled to `model_input` (see `model_input_size`) when given, through the native `passes`
+    (a job plan's, see `plan_passes`), resampled to exactly `target` (width, height); same channels, bit depth
+    and ICC profile."""
     width, height = target
     if width < 1 or height < 1 or not passes:
         raise ValueError(f"target size {target} is empty, or no passes given")
+    if model_input is not None and model_input != (picture.width, picture.height):
+        picture = Picture(resize(picture.pixels, *model_input), picture.icc_profile)
 
     def upscale_rgb(rgb: np.ndarray) -> np.ndarray:
         return _run_passes(rgb, passes, target, run_rgb)

@@ -16,7 +16,7 @@ import torch
 from server.catalog import LocalSpec
 from server.engine.executor import band_bytes
 from server.engine.models import HEADROOM, ArchProfile, batch_bytes, seconds_for
-from server.engine.pipeline import constant_alpha, model_runs, plan_passes
+from server.engine.pipeline import constant_alpha, model_input_size, model_runs, plan_passes
 from server.engine.precision import Execution
 from server.engine.tiling import Plan, TilingSpec, fewest_tiles, plan_tiles
 from server.imaging import Picture
@@ -39,7 +39,7 @@ class ModelFacts:
 
 @dataclass(frozen=True)
 class PictureFacts:
-    """What planning needs to know about the decoded picture."""
+    """What planning needs to know about the picture: from the decoded pixels, or the worst case its header allows."""
 
     width: int
     height: int
@@ -49,6 +49,11 @@ class PictureFacts:
     @classmethod
     def of(cls, picture: Picture) -> PictureFacts:
         return cls(picture.width, picture.height, picture.channels, constant_alpha(picture) is not None)
+
+    @classmethod
+    def from_header(cls, width: int, height: int, alpha: bool) -> PictureFacts:
+        """Before decoding: an alpha channel is taken to vary (two model runs a pass) until the pixels say not."""
+        return cls(width, height, 4 if alpha else 3, False)
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class PassPlan:
 @dataclass(frozen=True)
 class JobPlan:
     model: str  # the catalog id
+    source_size: tuple[int, int]  # the picture's; the first pass's input may be smaller (see model_input_size)
     device: torch.device
     device_name: str
     target: tuple[int, int]
@@ -104,6 +110,7 @@ class JobPlan:
             "precision": ", ".join(sorted({p.execution.precision for p in self.passes})),
             "layout": ", ".join(sorted({p.execution.layout for p in self.passes})),
             "executed_model": self.executed_model,
+            "input": list(self.source_size),
             "passes": [
                 {"scale": p.scale, "weights": p.weight_id, "input": list(p.input_size), "output": list(p.output_size),
                  "precision": p.execution.precision, "layout": p.execution.layout, "backend": p.backend,
@@ -122,12 +129,14 @@ class JobPlan:
 
 def plan_job(model: str, local: LocalSpec, picture: PictureFacts, target: tuple[int, int], n: int, *,
              device: torch.device, device_name: str, facts: Callable[[str], ModelFacts], free_memory: int,
-             tile_size: int | None) -> JobPlan:
-    """The plan of one local job. `tile_size` is LOUPE_TILE_SIZE (None: planned from `free_memory`)."""
+             tile_size: int | None, max_side: int) -> JobPlan:
+    """The plan of one local job. `tile_size` is LOUPE_TILE_SIZE (None: planned from `free_memory`); `max_side`
+    is LOUPE_MAX_OUTPUT_SIDE, which bounds the passes' intermediate sizes too."""
+    source = (picture.width, picture.height)
     scales = plan_passes(max(target[0] / picture.width, target[1] / picture.height), local.native_scales)
     runs = model_runs(picture.channels, picture.constant_alpha, scales) // len(scales)
     passes: list[PassPlan] = []
-    size = (picture.width, picture.height)
+    size = model_input_size(source, target, scales, max_side)
     stochastic = False
     on_gpu = device.type == "cuda"
     for scale in scales:
@@ -143,7 +152,7 @@ def plan_job(model: str, local: LocalSpec, picture: PictureFacts, target: tuple[
                                seconds, weight.nbytes + activations + (band if on_gpu else 0),
                                _image_bytes(tiles) + (0 if on_gpu else band)))
         size = tiles.output_size
-    return JobPlan(model, device, device_name, target, tuple(passes), n if stochastic else 1)
+    return JobPlan(model, source, device, device_name, target, tuple(passes), n if stochastic else 1)
 
 
 def _plan_tiles_for(size: tuple[int, int], scale: int, weight: ModelFacts, device: torch.device, free_memory: int,

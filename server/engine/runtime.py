@@ -18,7 +18,7 @@ from server import catalog
 from server.catalog import MODELS, ModelEntry
 from server.config import Settings, SettingsError
 from server.engine import openvino_backend, precision
-from server.engine.devices import DeviceWorker
+from server.engine.devices import DeviceWorker, Reservation
 from server.engine.executor import run_tiled
 from server.engine.models import (
     ArchProfile,
@@ -38,7 +38,7 @@ from server.engine.planning import JobPlan, ModelFacts, PictureFacts, plan_job
 from server.engine.precision import Execution
 from server.engine.tiling import TilingSpec
 from server.engine.weights import MANIFEST, find_weights
-from server.errors import ApiError
+from server.errors import ModelUnavailable
 from server.imaging import Picture
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class LocalEngine:
         on_load = self._queue_compile if self._compiling else None
         self.workers = [
             DeviceWorker(device, ModelCache(device, settings.weights_dir, cache_budget(device, settings.vram_budget),
-                                            settings.precision, on_load), settings.queue_size)
+                                            settings.precision, on_load), settings.queue_budget_s)
             for device in devices
         ]
         self.device_name = _describe(devices)
@@ -117,10 +117,6 @@ class LocalEngine:
             return f"the weights {', '.join(missing)} are not in {weights_dir}: run {pulls} (or {offline})"
         return None
 
-    def overloaded(self) -> bool:
-        """Every device's queue is full."""
-        return all(worker.full for worker in self.workers)
-
     def execution(self, entry: ModelEntry) -> Execution:
         """How the weight of `entry`'s largest native scale runs on the first device: what /v1/models shows."""
         assert entry.local is not None
@@ -130,23 +126,33 @@ class LocalEngine:
         return loaded.execution if loaded is not None else execution_for(weight_id, worker.device,
                                                                           self.settings.precision)
 
-    def plan(self, entry: ModelEntry, picture: PictureFacts | Picture, target: tuple[int, int], n: int = 1) -> JobPlan:
-        """The one plan of a job, on the least busy device: what the dry run shows and `upscale` runs. Loads nothing."""
-        assert entry.local is not None
+    def reserve(self, entry: ModelEntry, picture: PictureFacts, target: tuple[int, int], n: int = 1) -> Reservation:
+        """A place for this job on the device with the least work reserved, from the picture's header, before it is
+        decoded; QueueFull when every device's budget is spent."""
+        worker = min(self.workers, key=lambda w: w.backlog_s)
+        return worker.reserve(self._plan_on(worker, entry, picture, target, n).estimated_seconds)
+
+    def plan(self, entry: ModelEntry, picture: PictureFacts | Picture, target: tuple[int, int], n: int = 1,
+             reservation: Reservation | None = None) -> JobPlan:
+        """The one plan of a job: what the dry run shows and `upscale` runs. Loads nothing.
+
+        On the reservation's device, or else on the one with the least work reserved.
+        """
         facts = picture if isinstance(picture, PictureFacts) else PictureFacts.of(picture)
-        worker = self._least_busy()
-        return plan_job(entry.id, entry.local, facts, target, n, device=worker.device, device_name=self.device_name,
-                        facts=lambda weight_id: self._facts(worker, weight_id), free_memory=free_memory(worker.device),
-                        tile_size=self.settings.tile_size)
+        worker = reservation.worker if reservation is not None else min(self.workers, key=lambda w: w.backlog_s)
+        return self._plan_on(worker, entry, facts, target, n)
 
-    async def upscale(self, plan: JobPlan, picture: Picture, *, seed: int | None = None,
-                      progress: Progress | None = None, cancel: threading.Event | None = None) -> Picture:
-        """Run one image of `plan`. Cancelling the awaiting task cancels the job, queued or between tiles.
+    async def upscale(self, plan: JobPlan, picture: Picture, *, reservation: Reservation | None = None,
+                      seed: int | None = None, progress: Progress | None = None,
+                      cancel: threading.Event | None = None) -> list[Picture]:
+        """Run `plan`, as one job: its `images` results. Cancelling the awaiting task cancels the job, queued or
+        between tiles.
 
-        ESRGAN models are deterministic: `seed` matters only to AuraSR, which samples noise (None: a random seed).
+        ESRGAN models are deterministic: `seed` matters only to AuraSR, which samples noise (None: a random
+        seed; image i of the job gets seed + i).
         """
         cancel = cancel or threading.Event()
-        future = self._submit(plan, picture, seed, progress, cancel)
+        future = self._submit(plan, picture, reservation, seed, progress, cancel)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -155,16 +161,17 @@ class LocalEngine:
             raise
 
     def upscale_sync(self, plan: JobPlan, picture: Picture, *, seed: int | None = None,
-                     progress: Progress | None = None, cancel: threading.Event | None = None) -> Picture:
+                     progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Picture]:
         """`upscale` for callers without an event loop (the CLI)."""
-        return self._submit(plan, picture, seed, progress, cancel or threading.Event()).result()
+        return self._submit(plan, picture, None, seed, progress, cancel or threading.Event()).result()
 
     def stats(self) -> dict[str, float | int | None]:
         """Counters and gauges for /metrics."""
         cuda = [w.device for w in self.workers if w.device.type == "cuda"]
         return {
             "queue_depth": sum(w.depth for w in self.workers),
-            "queue_capacity": sum(w.queue_size for w in self.workers),
+            "queue_seconds": sum(w.backlog_s for w in self.workers),
+            "queue_budget_seconds": sum(w.budget_s for w in self.workers),
             "tiles_processed": sum(w.counters.tiles for w in self.workers),
             "oom_retries": sum(w.counters.oom_retries for w in self.workers),
             "gpu_memory_bytes": sum(torch.cuda.memory_allocated(d) for d in cuda) if cuda else None,
@@ -172,38 +179,47 @@ class LocalEngine:
             "model_cache_bytes": sum(w.cache.nbytes for w in self.workers),
         }
 
-    def _least_busy(self) -> DeviceWorker:
-        return min(self.workers, key=lambda worker: worker.depth)
+    def _plan_on(self, worker: DeviceWorker, entry: ModelEntry, picture: PictureFacts, target: tuple[int, int],
+                 n: int) -> JobPlan:
+        assert entry.local is not None
+        return plan_job(entry.id, entry.local, picture, target, n, device=worker.device, device_name=self.device_name,
+                        facts=lambda weight_id: self._facts(worker, weight_id), free_memory=free_memory(worker.device),
+                        tile_size=self.settings.tile_size, max_side=self.settings.max_output_side)
 
-    def _submit(self, plan: JobPlan, picture: Picture, seed: int | None, progress: Progress | None,
-                cancel: threading.Event) -> Future[Picture]:
+    def _submit(self, plan: JobPlan, picture: Picture, reservation: Reservation | None, seed: int | None,
+                progress: Progress | None, cancel: threading.Event) -> Future[list[Picture]]:
         entry = catalog.find(plan.model)
         assert entry is not None  # the plan was made from it
         reason = self.unavailable_reason(entry)
         if reason is not None:
-            raise ApiError(503, reason, param="model", code="MODEL_UNAVAILABLE", retryable=False)
-        if (picture.width, picture.height) != plan.passes[0].input_size:
-            raise ValueError(f"a {picture.width}x{picture.height} picture for a plan made for "
-                             f"{plan.passes[0].input_size}")
-        # One seed for every model run of the job: the runs over black and over white must draw the same noise.
+            raise ModelUnavailable(reason)
+        if (picture.width, picture.height) != plan.source_size:
+            raise ValueError(f"a {picture.width}x{picture.height} picture for a plan made for {plan.source_size}")
+        # One seed for every model run of an image: the runs over black and over white must draw the same noise.
         seed = secrets.randbits(63) if seed is None else seed
         worker = next(w for w in self.workers if w.device == plan.device)
-        return worker.submit(functools.partial(self._run, plan, picture, seed, progress, cancel))
+        if reservation is not None:
+            reservation.resize(plan.estimated_seconds)
+        return worker.submit(functools.partial(self._run, plan, picture, seed, progress, cancel), reservation)
 
     def _run(self, plan: JobPlan, picture: Picture, seed: int, progress: Progress | None, cancel: threading.Event,
-             worker: DeviceWorker) -> Picture:
-        """One image of the plan, on `worker`'s thread."""
-        tally = _Tally(progress, plan.tiles_per_image)
+             worker: DeviceWorker) -> list[Picture]:
+        """Every image of the plan, on `worker`'s thread."""
+        tally = _Tally(progress, plan.images * plan.tiles_per_image)
         # A varying alpha runs every pass twice (over black, then over white); the input size tells the pass.
         passes = {(p.input_size, p.scale): p for p in plan.passes}
+        scales = [p.scale for p in plan.passes]
 
-        def run_rgb(pixels: np.ndarray, scale: int) -> np.ndarray:
-            step = passes[(pixels.shape[1], pixels.shape[0]), scale]
-            model = worker.cache.get(step.weight_id)
-            return run_tiled(pixels, model, plan=step.tiles, batch=step.batch, cancel=cancel,
-                             progress=tally.next_run(), counters=worker.counters, seed=seed)
+        def image(image_seed: int) -> Picture:
+            def run_rgb(pixels: np.ndarray, scale: int) -> np.ndarray:
+                step = passes[(pixels.shape[1], pixels.shape[0]), scale]
+                model = worker.cache.get(step.weight_id)
+                return run_tiled(pixels, model, plan=step.tiles, batch=step.batch, cancel=cancel,
+                                 progress=tally.next_run(), counters=worker.counters, seed=image_seed)
 
-        return upscale_picture(picture, plan.target, [p.scale for p in plan.passes], run_rgb)
+            return upscale_picture(picture, plan.target, scales, run_rgb, plan.passes[0].input_size)
+
+        return [image(seed + index) for index in range(plan.images)]
 
     def _facts(self, worker: DeviceWorker, weight_id: str) -> ModelFacts:
         """From the loaded model if there is one, else from its architecture's profile and its file's header."""

@@ -7,18 +7,19 @@ sees, fetch result images under a size cap, and run the n calls of an emulated
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 
+from server import net
 from server.catalog import ModelEntry
-from server.errors import ApiError
+from server.errors import InvalidInput, TooLarge, UpstreamFailed, UpstreamTimeout
 from server.jobs import Job
+from server.logs import Redactor
 
 T = TypeVar("T")
 
@@ -58,76 +59,59 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
-class Redactor:
-    """Removes upstream credentials from any text before it reaches a client or a log."""
-
-    def __init__(self, *secrets: str | None) -> None:
-        parts: set[str] = set()
-        for secret in secrets:
-            if secret:
-                parts.add(secret)
-                # fal's split credentials are `key_id:key_secret`; either half alone is still sensitive.
-                parts.update(half for half in secret.split(":") if len(half) >= 8)
-        self._parts = sorted(parts, key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for part in self._parts:
-            text = text.replace(part, "[redacted]")
-        return text
-
-
 def same_origin(url: str, base: str) -> bool:
     """Whether `url` is on the scheme, host and port of `base`: only there may a provider's key be sent."""
     a, b = urlsplit(url), urlsplit(base)
     return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
 
 
-def decode_base64(payload: str, max_bytes: int) -> bytes:
-    if len(payload) * 3 // 4 > max_bytes:
-        raise ApiError(502, f"the provider returned an image over {max_bytes} bytes", retryable=False)
+@contextmanager
+def _provider_image() -> Iterator[None]:
+    """The client-input readers of net.py, reading what a provider sent: their refusals are its failures."""
     try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(502, "the provider returned an image whose base64 does not decode") from None
+        yield
+    except TooLarge as error:
+        raise UpstreamFailed(f"the provider returned an image too large: {error.message}", transient=False) from None
+    except InvalidInput as error:
+        raise UpstreamFailed(f"the provider returned an image Loupe can't read: {error.message}") from None
+
+
+def decode_base64(payload: str, max_bytes: int) -> bytes:
+    with _provider_image():
+        return net.decode_base64(payload, max_bytes=max_bytes)
 
 
 def decode_data_uri(uri: str, max_bytes: int) -> RemoteImage:
-    header, comma, payload = uri.partition(",")
-    if not comma or not header.endswith(";base64"):
-        raise ApiError(502, "the provider returned an image as a data: URI that is not base64")
-    media_type = header[len("data:"):-len(";base64")].split(";")[0]
-    return RemoteImage(decode_base64(payload, max_bytes), media_type or None)
+    with _provider_image():
+        data = net.decode_data_uri(uri, max_bytes=max_bytes)
+    media_type = uri.partition(",")[0][len("data:"):].split(";")[0].strip().lower()
+    return RemoteImage(data, media_type or None)
 
 
 async def download(
     http: httpx.AsyncClient, url: str, *, max_bytes: int, redact: Redactor, headers: dict[str, str] | None = None
 ) -> RemoteImage:
     """A result image named by the provider: a data: URI, or an http(s) URL streamed under `max_bytes`."""
-    if url.startswith("data:"):
+    if url[:5].lower() == "data:":
         return decode_data_uri(url, max_bytes)
     if urlsplit(url).scheme not in ("http", "https"):
-        raise ApiError(502, "the provider returned an image link Loupe can't fetch")
+        raise UpstreamFailed("the provider returned an image link Loupe can't fetch")
     try:
         async with http.stream("GET", url, headers=headers, follow_redirects=True, timeout=HTTP_TIMEOUT) as response:
             if response.status_code >= 400:
-                raise ApiError(502, f"fetching the provider's result image failed with HTTP {response.status_code}")
+                raise UpstreamFailed(f"fetching the provider's result image failed with HTTP {response.status_code}")
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                raise ApiError(502, f"the provider's result image is over {max_bytes} bytes", retryable=False)
-            chunks: list[bytes] = []
-            received = 0
-            async for chunk in response.aiter_bytes():
-                received += len(chunk)
-                if received > max_bytes:
-                    raise ApiError(502, f"the provider's result image is over {max_bytes} bytes", retryable=False)
-                chunks.append(chunk)
+                raise UpstreamFailed(f"the provider's result image is over {max_bytes} bytes", transient=False)
+            with _provider_image():
+                data = await net.read_capped(response.aiter_bytes(), max_bytes)
             content_type = response.headers.get("content-type", "").split(";")[0].strip() or None
     except httpx.TimeoutException:
-        raise ApiError(504, "fetching the provider's result image timed out") from None
+        raise UpstreamTimeout("fetching the provider's result image timed out") from None
     except httpx.HTTPError as exc:
         reason = redact(str(exc)) or type(exc).__name__
-        raise ApiError(502, f"fetching the provider's result image failed: {reason}") from None
-    return RemoteImage(b"".join(chunks), content_type)
+        raise UpstreamFailed(f"fetching the provider's result image failed: {reason}") from None
+    return RemoteImage(data, content_type)
 
 
 async def run_all(calls: Iterable[Awaitable[T]]) -> list[T]:
@@ -146,12 +130,12 @@ async def run_all(calls: Iterable[Awaitable[T]]) -> list[T]:
         raise
 
 
-def describe_upstream_failure(redact: Redactor, what: str, exc: httpx.HTTPError) -> ApiError:
+def describe_upstream_failure(redact: Redactor, what: str, exc: httpx.HTTPError) -> UpstreamFailed:
     """A transport failure talking to a provider: 504 for a timeout, 502 otherwise."""
     if isinstance(exc, httpx.TimeoutException):
-        return ApiError(504, f"{what} did not answer in time")
+        return UpstreamTimeout(f"{what} did not answer in time")
     reason = redact(str(exc)) or type(exc).__name__
-    return ApiError(502, f"{what} is unreachable: {reason}", code="UPSTREAM_ERROR")
+    return UpstreamFailed(f"{what} is unreachable: {reason}")
 
 
 def max_result_bytes(max_output_side: int) -> int:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
-from server.errors import ApiError
+from server.errors import LoupeError, ProviderUnavailable, UpstreamFailed
 
 State = Literal["closed", "open", "half-open"]
 
@@ -17,9 +17,10 @@ class CircuitBreaker:
     fail at once with a 503 for `cooldown_s`. Then it is half-open: one probe call
     goes through, and its success closes the breaker while its failure opens it again.
 
-    A failure is a call ending in an `ApiError` with a 5xx status (the provider is
-    down, slow or refusing this server); a 4xx means the provider answered, so it
-    counts as a success. A cancelled call counts as neither.
+    A failure is a call ending in `UpstreamFailed` (the provider is down, slow or
+    refusing this server) or in an error Loupe did not foresee. Any other domain
+    error means the provider answered (it rejected the request, say), so it counts
+    as a success. A cancelled call counts as neither.
     """
 
     def __init__(
@@ -58,8 +59,14 @@ class CircuitBreaker:
         try:
             yield
             succeeded = True
-        except ApiError as error:
-            succeeded = error.status < 500
+        except UpstreamFailed:
+            succeeded = False
+            raise
+        except LoupeError:
+            succeeded = True
+            raise
+        except Exception:
+            succeeded = False
             raise
         finally:
             if probe:
@@ -82,10 +89,8 @@ class CircuitBreaker:
             return True
         assert self._opened_at is not None
         wait_s = max(1, math.ceil(self._opened_at + self._cooldown_s - self._clock()))
-        raise ApiError(
-            503,
+        raise ProviderUnavailable(
             f"{self._name} failed {self._failures} times in a row, so Loupe stopped calling it for a while; "
             f"retry in about {wait_s} s",
-            code="PROVIDER_UNAVAILABLE",
-            headers={"Retry-After": str(wait_s)},
+            retry_after_s=wait_s,
         )

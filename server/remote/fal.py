@@ -24,12 +24,12 @@ import httpx
 
 from server.catalog import FalRoute, ModelEntry
 from server.config import Settings
-from server.errors import ApiError
+from server.errors import InvalidInput, UpstreamFailed, UpstreamRejected, UpstreamTimeout
 from server.jobs import Job
+from server.logs import Redactor
 from server.remote import normalize
 from server.remote.base import (
     HTTP_TIMEOUT,
-    Redactor,
     RemoteImage,
     RemoteResult,
     describe_upstream_failure,
@@ -78,7 +78,7 @@ class FalProvider:
         self._timeout_s = settings.remote_timeout_s
         self._max_image_bytes = max_result_bytes(settings.max_output_side)
         self._http = http
-        self._redact = Redactor(settings.fal_key, settings.gateway_key)
+        self._redact = Redactor([settings.fal_key, settings.gateway_key])
         self.breaker = breaker or CircuitBreaker(self.display_name)
         self._cancels: set[asyncio.Task[None]] = set()
 
@@ -95,7 +95,7 @@ class FalProvider:
         image_url = await self._image_url(job, route, deadline)
         inputs = normalize.fal_inputs(job, route, params, image_url)
         images = await run_all(self._run(route, payload, job.request_id, deadline) for payload in inputs)
-        return RemoteResult(images, self.name, self.display_name, f"fal/{route.app_id}", job_cost(job))
+        return RemoteResult(images, self.name, self.display_name, f"fal/{route.app_id}", job.entry.cost(job.target, job.n))
 
     async def dry_run(self, job: Job) -> dict[str, Any]:
         route = self._route(job)
@@ -108,7 +108,7 @@ class FalProvider:
 
     def _route(self, job: Job) -> FalRoute:
         if job.entry.fal is None:
-            raise ApiError(400, f"{job.requested_model} can't run on fal.ai", param="model", retryable=False)
+            raise InvalidInput(f"{job.requested_model} can't run on fal.ai", "model")
         return job.entry.fal
 
     async def _image_url(self, job: Job, route: FalRoute, deadline: float) -> str:
@@ -144,7 +144,7 @@ class FalProvider:
         upload_url = body.get("upload_url") if isinstance(body, dict) else None
         file_url = body.get("file_url") if isinstance(body, dict) else None
         if not (_is_web_url(upload_url) and _is_web_url(file_url)):
-            raise ApiError(502, "fal.ai storage answered without an upload_url and a file_url", code="UPSTREAM_ERROR")
+            raise UpstreamFailed("fal.ai storage answered without an upload_url and a file_url")
         # The upload URL is signed and on another host: it gets the bytes, never the key.
         try:
             uploaded = await self._http.put(
@@ -154,11 +154,11 @@ class FalProvider:
             raise describe_upstream_failure(self._redact, "fal.ai storage", exc) from None
         if uploaded.status_code >= 400:
             log.warning("fal.ai storage refused the upload with HTTP %s", uploaded.status_code)
-            raise ApiError(502, f"uploading the image to fal.ai storage failed with HTTP {uploaded.status_code}",
-                           code="UPSTREAM_ERROR", retryable=_worth_retrying(uploaded.status_code))
+            raise UpstreamFailed(f"uploading the image to fal.ai storage failed with HTTP {uploaded.status_code}",
+                                 transient=_worth_retrying(uploaded.status_code))
         return file_url
 
-    def _storage_error(self, response: httpx.Response) -> ApiError:
+    def _storage_error(self, response: httpx.Response) -> UpstreamFailed:
         """fal storage refusing the image: never the client's doing, so a 502 (or 504), with fal's reason."""
         status = response.status_code
         body = json_body(response)
@@ -167,12 +167,12 @@ class FalProvider:
         message = message or response.reason_phrase
         log.warning("fal.ai storage answered HTTP %s: %s", status, message)
         if status in (401, 403):
-            return ApiError(502, "fal.ai storage refused this server's credentials (LOUPE_FAL_KEY)",
-                            code="UPSTREAM_AUTH", retryable=False)
+            return UpstreamFailed("fal.ai storage refused this server's credentials (LOUPE_FAL_KEY)",
+                                  code="UPSTREAM_AUTH", transient=False)
         if status == 504:
-            return ApiError(504, f"fal.ai storage timed out: {message}")
-        return ApiError(502, f"fal.ai storage could not take the image: {message}", code="UPSTREAM_ERROR",
-                        retryable=_worth_retrying(status))
+            return UpstreamTimeout(f"fal.ai storage timed out: {message}")
+        return UpstreamFailed(f"fal.ai storage could not take the image: {message}",
+                              transient=_worth_retrying(status))
 
     async def _run(
         self, route: FalRoute, payload: dict[str, object], request_id: str, deadline: float
@@ -197,8 +197,8 @@ class FalProvider:
                 await asyncio.shield(task)
                 raise
 
-    def _deadline_error(self) -> ApiError:
-        return ApiError(504, f"fal.ai did not finish within {self._timeout_s:g} s (LOUPE_REMOTE_TIMEOUT_S)")
+    def _deadline_error(self) -> UpstreamTimeout:
+        return UpstreamTimeout(f"fal.ai did not finish within {self._timeout_s:g} s (LOUPE_REMOTE_TIMEOUT_S)")
 
     async def _submit(self, route: FalRoute, payload: dict[str, object]) -> _Queued:
         try:
@@ -213,14 +213,13 @@ class FalProvider:
         if not isinstance(body, dict) or not all(
             isinstance(body.get(key), str) for key in ("request_id", "status_url", "response_url")
         ):
-            raise ApiError(502, "fal.ai answered the submit without its queue URLs", code="UPSTREAM_ERROR")
+            raise UpstreamFailed("fal.ai answered the submit without its queue URLs")
         cancel_url = body.get("cancel_url") if isinstance(body.get("cancel_url"), str) else None
         queued = _Queued(body["request_id"], body["status_url"], body["response_url"], cancel_url)
         # The key goes with every poll: never to a host other than the one configured.
         for url in (queued.status_url, queued.response_url, queued.cancel_url):
             if url is not None and not same_origin(url, self._base):
-                raise ApiError(502, "fal.ai answered with queue URLs on another host; Loupe won't send its key there",
-                               code="UPSTREAM_ERROR")
+                raise UpstreamFailed("fal.ai answered with queue URLs on another host; Loupe won't send its key there")
         return queued
 
     async def _finish(self, route: FalRoute, queued: _Queued) -> RemoteImage:
@@ -238,8 +237,8 @@ class FalProvider:
             delay = min(delay * _POLL_GROWTH, _POLL_MAX_S)
             response = await self._read(queued.status_url)
             if response.status_code >= 400:
-                raise ApiError(502, f"fal.ai lost track of request {queued.request_id} (status HTTP "
-                                    f"{response.status_code})", code="UPSTREAM_ERROR")
+                raise UpstreamFailed(f"fal.ai lost track of request {queued.request_id} (status HTTP "
+                                     f"{response.status_code})")
             body = json_body(response)
             status = body.get("status") if isinstance(body, dict) else None
             if status == "COMPLETED":
@@ -265,7 +264,7 @@ class FalProvider:
                 log.warning("fal.ai answered HTTP %s, retrying", response.status_code)
             await asyncio.sleep(_jitter(0.2 * 2**attempt))
 
-    def _error(self, response: httpx.Response, route: FalRoute) -> ApiError:
+    def _error(self, response: httpx.Response, route: FalRoute) -> UpstreamFailed | UpstreamRejected:
         """fal's error answer as the client's error: its own mistakes keep their 4xx, fal's become 502 or 504."""
         status = response.status_code
         body = json_body(response)
@@ -290,16 +289,15 @@ class FalProvider:
         error_type = str(error_type or response.headers.get("x-fal-error-type", ""))
         log.warning("fal.ai answered HTTP %s %s for %s: %s", status, error_type, route.app_id, message)
         if status in (401, 403):
-            return ApiError(502, "fal.ai refused this server's credentials (LOUPE_FAL_KEY)", code="UPSTREAM_AUTH",
-                            retryable=False)
+            return UpstreamFailed("fal.ai refused this server's credentials (LOUPE_FAL_KEY)", code="UPSTREAM_AUTH",
+                                  transient=False)
         if status in (402, 404):
-            return ApiError(502, f"fal.ai could not run {route.app_id}: {message}", code="UPSTREAM_ERROR",
-                            retryable=False)
+            return UpstreamFailed(f"fal.ai could not run {route.app_id}: {message}", transient=False)
         if status < 500:
-            return ApiError(status, f"fal.ai rejected the request: {message}", param=param)
+            return UpstreamRejected(status, f"fal.ai rejected the request: {message}", param)
         if status == 504 or error_type.endswith("timeout"):
-            return ApiError(504, f"fal.ai timed out: {message}")
-        return ApiError(502, f"fal.ai failed: {message}", code="UPSTREAM_ERROR")
+            return UpstreamTimeout(f"fal.ai timed out: {message}")
+        return UpstreamFailed(f"fal.ai failed: {message}")
 
     async def _cancel(self, queued: _Queued) -> None:
         if queued.cancel_url is None:
@@ -349,14 +347,7 @@ def _first_image_url(output: object, route: FalRoute) -> str:
             value = value.get("url")
         if isinstance(value, str) and value:
             return value
-    raise ApiError(502, f"fal.ai's result for {route.app_id} holds no image", code="UPSTREAM_ERROR")
-
-
-def job_cost(job: Job) -> float | None:
-    price = job.entry.price
-    if price is None:
-        return None
-    return round(price.cost(job.target[0] * job.target[1]) * job.n, 6)
+    raise UpstreamFailed(f"fal.ai's result for {route.app_id} holds no image")
 
 
 def estimate(job: Job, provider: str, executed_model: str) -> dict[str, Any]:

@@ -16,12 +16,12 @@ import httpx
 
 from server.catalog import ModelEntry
 from server.config import Settings
-from server.errors import ApiError
+from server.errors import UpstreamFailed, UpstreamRejected, UpstreamTimeout
 from server.jobs import Job
+from server.logs import Redactor
 from server.remote import normalize
 from server.remote.base import (
     HTTP_TIMEOUT,
-    Redactor,
     RemoteImage,
     RemoteResult,
     decode_base64,
@@ -52,7 +52,7 @@ class GatewayProvider:
         self._timeout_s = settings.remote_timeout_s
         self._max_image_bytes = max_result_bytes(settings.max_output_side)
         self._http = http
-        self._redact = Redactor(settings.gateway_key, settings.fal_key)
+        self._redact = Redactor([settings.gateway_key, settings.fal_key])
         self.breaker = breaker or CircuitBreaker("the gateway")
 
     def serves(self, entry: ModelEntry | None, model_id: str) -> bool:
@@ -85,7 +85,7 @@ class GatewayProvider:
         if not all(key in body for key in _DRY_RUN_FIELDS) or not isinstance(components, list) or not all(
             isinstance(component, dict) and component.get("type") in ("input", "output") for component in components
         ):
-            raise ApiError(502, "the gateway's dry run lacks its cost fields", code="UPSTREAM_ERROR")
+            raise UpstreamFailed("the gateway's dry run lacks its cost fields")
         upstream = "/".join(str(body[key]) for key in ("provider", "model") if body.get(key))
         return {
             "estimated": True,
@@ -102,15 +102,14 @@ class GatewayProvider:
         try:
             return await asyncio.wait_for(call, self._timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(
-                504, f"the gateway did not finish within {self._timeout_s:g} s (LOUPE_REMOTE_TIMEOUT_S)"
-            ) from None
+            raise UpstreamTimeout(
+                f"the gateway did not finish within {self._timeout_s:g} s (LOUPE_REMOTE_TIMEOUT_S)") from None
 
     async def _upscale(self, job: Job) -> tuple[dict[str, Any], list[RemoteImage]]:
         body = await self._post(job, dry_run=False)
         data = body.get("data")
         if not isinstance(data, list) or not data or not all(isinstance(item, dict) for item in data):
-            raise ApiError(502, "the gateway answered without images", code="UPSTREAM_ERROR")
+            raise UpstreamFailed("the gateway answered without images")
         return body, await run_all(self._image(item) for item in data)
 
     async def _post(self, job: Job, *, dry_run: bool) -> dict[str, Any]:
@@ -130,7 +129,7 @@ class GatewayProvider:
             raise self._error(response)
         body = json_body(response)
         if not isinstance(body, dict):
-            raise ApiError(502, "the gateway answered with something other than a JSON object", code="UPSTREAM_ERROR")
+            raise UpstreamFailed("the gateway answered with something other than a JSON object")
         return body
 
     async def _image(self, item: dict[str, Any]) -> RemoteImage:
@@ -142,10 +141,9 @@ class GatewayProvider:
             headers = self._headers if same_origin(url, self._base) else None
             return await download(self._http, url, max_bytes=self._max_image_bytes, redact=self._redact,
                                   headers=headers)
-        raise ApiError(502, "the gateway answered with an image that has neither url nor b64_json",
-                       code="UPSTREAM_ERROR")
+        raise UpstreamFailed("the gateway answered with an image that has neither url nor b64_json")
 
-    def _error(self, response: httpx.Response) -> ApiError:
+    def _error(self, response: httpx.Response) -> UpstreamFailed | UpstreamRejected:
         """The gateway speaks the client's protocol, so its 4xx are relayed; its 5xx become 502 or 504."""
         status = response.status_code
         body = json_body(response)
@@ -156,13 +154,12 @@ class GatewayProvider:
         code = error.get("code") if isinstance(error.get("code"), str) else None
         log.warning("the gateway answered HTTP %s %s: %s", status, code or "", message)
         if status in (401, 403):
-            return ApiError(502, "the gateway refused this server's credentials (LOUPE_GATEWAY_KEY)",
-                            code="UPSTREAM_AUTH", retryable=False)
+            return UpstreamFailed("the gateway refused this server's credentials (LOUPE_GATEWAY_KEY)",
+                                  code="UPSTREAM_AUTH", transient=False)
         if status == 402:
-            return ApiError(502, f"the gateway account can't pay for this request: {message}", code="UPSTREAM_ERROR",
-                            retryable=False)
+            return UpstreamFailed(f"the gateway account can't pay for this request: {message}", transient=False)
         if status < 500:
-            return ApiError(status, message, param=param, code=code)
+            return UpstreamRejected(status, message, param, code=code)
         if status == 504:
-            return ApiError(504, f"the gateway timed out: {message}")
-        return ApiError(502, f"the gateway failed: {message}", code=code or "UPSTREAM_ERROR")
+            return UpstreamTimeout(f"the gateway timed out: {message}")
+        return UpstreamFailed(f"the gateway failed: {message}", code=code)

@@ -25,11 +25,10 @@ import re
 from PIL import Image
 
 from server.catalog import FalRoute, ParamRange
-from server.errors import invalid
+from server.errors import InvalidInput
 from server.jobs import Job, SourceImage
 
 _INTEGER = re.compile(r"[+-]?\d+")
-_SCALE_TOLERANCE = 1e-6
 
 
 def coerce(raw: str) -> bool | int | float | str:
@@ -46,34 +45,15 @@ def coerce(raw: str) -> bool | int | float | str:
     return number if math.isfinite(number) else raw
 
 
-def describe(allowed: ParamRange) -> str:
-    if allowed.choices:
-        values = [f"{choice:g}" for choice in allowed.choices]
-        return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
-    if allowed.minimum is not None and allowed.maximum is not None:
-        return f"from {allowed.minimum:g} to {allowed.maximum:g}"
-    if allowed.minimum is not None:
-        return f"of at least {allowed.minimum:g}"
-    return f"up to {allowed.maximum:g}"
-
-
-def within(value: float, allowed: ParamRange) -> bool:
-    if allowed.choices:
-        return any(math.isclose(value, choice, abs_tol=_SCALE_TOLERANCE) for choice in allowed.choices)
-    if allowed.minimum is not None and value < allowed.minimum - _SCALE_TOLERANCE:
-        return False
-    return allowed.maximum is None or value <= allowed.maximum + _SCALE_TOLERANCE
-
-
 def _scale_param(job: Job) -> str:
     return "size" if job.size_given else "scale_factor"
 
 
 def check_scale(job: Job, allowed: ParamRange, where: str) -> None:
     """A 400 unless the job's scale is one the model takes on the provider named by `where`."""
-    if not within(job.scale, allowed):
-        raise invalid(
-            f"{job.requested_model} on {where} takes a scale_factor {describe(allowed)}; this request asks for "
+    if not allowed.allows(job.scale):
+        raise InvalidInput(
+            f"{job.requested_model} on {where} takes a scale_factor {allowed.describe()}; this request asks for "
             f"{job.scale:g}",
             _scale_param(job),
         )
@@ -82,8 +62,8 @@ def check_scale(job: Job, allowed: ParamRange, where: str) -> None:
 def _check_fixed_scale(job: Job, route: FalRoute) -> None:
     if route.fixed_scale is None or not job.scale_given:
         return
-    if not math.isclose(job.scale, route.fixed_scale, abs_tol=_SCALE_TOLERANCE):
-        raise invalid(
+    if not ParamRange(choices=(route.fixed_scale,)).allows(job.scale):
+        raise InvalidInput(
             f"{job.requested_model} on fal.ai only upscales by {route.fixed_scale:g}; this request asks for "
             f"{job.scale:g}",
             _scale_param(job),
@@ -109,14 +89,14 @@ def fal_params(job: Job, route: FalRoute) -> dict[str, object]:
     for name, raw in job.extra.items():
         upstream = route.renamed.get(name, name)
         if upstream in filled_by_loupe:
-            raise invalid(f"`{name}` is set by Loupe: send the image as `image` and the scale as scale_factor", name)
+            raise InvalidInput(f"`{name}` is set by Loupe: send the image as `image` and the scale as scale_factor", name)
         value = coerce(raw)
         allowed = route.ranges.get(upstream)
         if allowed is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise invalid(f"`{name}` must be a number {describe(allowed)}; got {raw!r}", name)
-            if not within(value, allowed):
-                raise invalid(f"`{name}` must be {describe(allowed)} for {job.requested_model}; got {raw}", name)
+                raise InvalidInput(f"`{name}` must be a number {allowed.describe()}; got {raw!r}", name)
+            if not allowed.allows(value):
+                raise InvalidInput(f"`{name}` must be {allowed.describe()} for {job.requested_model}; got {raw}", name)
         params[upstream] = value
     return params
 

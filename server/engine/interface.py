@@ -1,0 +1,70 @@
+"""The `Engine` protocol: what serving needs from whatever runs local jobs.
+
+`LocalEngine` (runtime.py) is the engine of a server; tests serve the same app over a fake one,
+and a cluster can put its own behind it. Serving never sees devices, models or tiles: it asks for
+a reservation from the picture's header, a plan from the decoded picture, and then the results.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from server.catalog import ModelEntry
+from server.engine.planning import PictureFacts
+from server.engine.precision import Execution
+from server.imaging import Picture
+
+Progress = Callable[[int, int], None]  # (tiles done, tiles in all)
+
+
+class Reservation(Protocol):
+    """A job's place in an engine's queue budget; released when the job ends (and by `release`, idempotently)."""
+
+    def release(self) -> None: ...
+
+
+class Plan(Protocol):
+    """A job's plan, as serving uses it."""
+
+    @property
+    def executed_model(self) -> str: ...
+
+    @property
+    def images(self) -> int:
+        """Distinct images the job computes: `n` for a model that samples noise, else 1."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """The dry run's `plan`."""
+        ...
+
+
+class Engine(Protocol):
+    device_name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def unavailable_reason(self, entry: ModelEntry) -> str | None:
+        """None when `entry` can run here now; else why not, and what fixes it."""
+        ...
+
+    def execution(self, entry: ModelEntry) -> Execution: ...
+
+    def reserve(self, entry: ModelEntry, picture: PictureFacts, target: tuple[int, int], n: int = 1) -> Reservation:
+        """A place for the job, from its header's facts; raises QueueFull when the budget is spent."""
+        ...
+
+    def plan(self, entry: ModelEntry, picture: PictureFacts | Picture, target: tuple[int, int], n: int = 1,
+             reservation: Any = None) -> Plan:
+        """The job's plan, on the reservation's device when one is given."""
+        ...
+
+    async def upscale(self, plan: Any, picture: Picture, *, reservation: Any = None, seed: int | None = None,
+                      progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Picture]:
+        """The plan's `images` results, run as one job."""
+        ...
+
+    def stats(self) -> dict[str, float | int | None]: ...

@@ -1,0 +1,103 @@
+"""An `Engine` without models, for tests of everything around the engine: it resamples with Lanczos.
+
+It runs the real app (routing, fallback, limits, errors, metrics, progress) in milliseconds. A test
+can make it refuse (`busy`), fail (`fail_with`), hold jobs until released (`gate`), or lack a model's
+weights (`missing`), and it counts what it was asked to do.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from server.catalog import ModelEntry
+from server.config import Settings
+from server.engine.planning import PictureFacts
+from server.engine.precision import Execution
+from server.errors import QueueFull
+from server.imaging import Picture, resize
+
+
+@dataclass
+class FakeReservation:
+    released: bool = False
+
+    def release(self) -> None:
+        self.released = True
+
+
+@dataclass(frozen=True)
+class FakePlan:
+    model: str
+    target: tuple[int, int]
+    images: int
+
+    @property
+    def executed_model(self) -> str:
+        return f"fake/{self.model}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": "fake", "images": self.images, "target": list(self.target)}
+
+
+@dataclass
+class FakeEngine:
+    settings: Settings
+    device_name: str = "Fake"
+    missing: set[str] = field(default_factory=set)  # model ids whose weights are "not here"
+    busy_for_s: float | None = None  # when set, every reservation is refused with this retry-after
+    fail_with: BaseException | None = None  # raised by every run
+    gate: threading.Event | None = None  # when set, runs wait for it
+    reservations: list[FakeReservation] = field(default_factory=list)
+    runs: int = 0
+    started: threading.Event = field(default_factory=threading.Event)  # set as a run begins
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        if self.gate is not None:
+            self.gate.set()
+
+    def unavailable_reason(self, entry: ModelEntry) -> str | None:
+        if entry.local is None:
+            return f"{entry.id} has no local weights"
+        return f"the weights of {entry.id} are missing (fake)" if entry.id in self.missing else None
+
+    def execution(self, entry: ModelEntry) -> Execution:
+        return Execution(torch.float32, False)
+
+    def reserve(self, entry: ModelEntry, picture: PictureFacts, target: tuple[int, int],
+                n: int = 1) -> FakeReservation:
+        if self.busy_for_s is not None:
+            raise QueueFull("the fake engine is busy", retry_after_s=self.busy_for_s)
+        reservation = FakeReservation()
+        self.reservations.append(reservation)
+        return reservation
+
+    def plan(self, entry: ModelEntry, picture: PictureFacts | Picture, target: tuple[int, int], n: int = 1,
+             reservation: Any = None) -> FakePlan:
+        assert entry.local is not None
+        return FakePlan(entry.id, target, n if entry.local.family == "aura" else 1)
+
+    async def upscale(self, plan: FakePlan, picture: Picture, *, reservation: Any = None, seed: int | None = None,
+                      progress: Any = None, cancel: threading.Event | None = None) -> list[Picture]:
+        self.runs += 1
+        self.started.set()
+        if self.gate is not None:
+            while not self.gate.is_set():
+                await asyncio.sleep(0.01)
+        if self.fail_with is not None:
+            raise self.fail_with
+        if progress is not None:
+            progress(1, 1)
+        pixels = resize(picture.pixels, *plan.target)
+        return [Picture(pixels, picture.icc_profile) for _ in range(plan.images)]
+
+    def stats(self) -> dict[str, float | int | None]:
+        return {"queue_depth": sum(not r.released for r in self.reservations), "tiles_processed": self.runs}
+
+

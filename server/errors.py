@@ -128,8 +128,11 @@ class UpstreamTimeout(UpstreamFailed):
 class UpstreamRejected(LoupeError):
     """A remote provider refused the client's request as invalid, with its own 4xx status, which is relayed."""
 
+    _CODES: ClassVar[dict[int, str]] = {404: "NOT_FOUND", 408: "REQUEST_TIMEOUT", 413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
+              429: "RATE_LIMITED"}
+
     def __init__(self, status: int, message: str, param: str | None = None, *, code: str | None = None) -> None:
-        super().__init__(message, param, code=code)
+        super().__init__(message, param, code=code or self._CODES.get(status))
         self.status = status
         self.transient = status in (408, 429)  # the provider was busy, not the request wrong
 

@@ -68,7 +68,11 @@ class ProgressHub:
 
     def update(self, request_id: str, stage: str, done: int | None = None, total: int | None = None) -> None:
         """Record a new state; call from the event loop."""
-        channel = self._channel(request_id)
+        self._set(self._channel(request_id), stage, done, total)
+
+    def _set(self, channel: _Channel, stage: str, done: int | None, total: int | None) -> None:
+        if channel.state.stage in FINAL_STAGES:
+            return  # a cancelled job's last tiles, reported after its request failed
         state = channel.state
         channel.state = Progress(
             stage, state.done if done is None else done, state.total if total is None else total
@@ -85,10 +89,12 @@ class ProgressHub:
             channel.changed.notify_all()
 
     def tile_reporter(self, request_id: str) -> Callable[[int, int], None]:
-        """A callback for worker threads: (tiles done, tiles in all)."""
+        """A callback for worker threads: (tiles done, tiles in all), for this request's channel only (a later
+        request may reuse the id)."""
+        channel = self._channel(request_id)
 
         def report(done: int, total: int) -> None:
-            self._loop.call_soon_threadsafe(self.update, request_id, "running", done, total)
+            self._loop.call_soon_threadsafe(self._set, channel, "running", done, total)
 
         return report
 
@@ -110,8 +116,9 @@ class ProgressHub:
                 try:
                     await asyncio.wait_for(channel.changed.wait_for(lambda: channel.version != seen), timeout=timeout)
                 except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
-                    if channel.version == seen:  # nothing ever reported: don't keep the channel
-                        self._channels.pop(request_id, None)
+                    # Nothing ever reported, nor any request claimed it: don't keep the channel.
+                    if channel.version == seen and not channel.claimed and self._channels.get(request_id) is channel:
+                        del self._channels[request_id]
                     return
 
     def _channel(self, request_id: str) -> _Channel:

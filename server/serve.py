@@ -55,7 +55,8 @@ class _ReadDeadline(H11Protocol):
 
     def _deadline_passed(self) -> None:
         self._deadline = None
-        if self.conn.their_state is h11.DONE or self.transport.is_closing():
+        # MUST_CLOSE: all in, from a client that sent `Connection: close` or spoke HTTP/1.0.
+        if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE) or self.transport.is_closing():
             return  # the request is in; its answer may take as long as it takes
         log.info("closing a connection that did not send its request within %g s (LOUPE_READ_TIMEOUT_S)",
                  self.read_timeout_s, extra={"client": f"{self.client[0]}:{self.client[1]}" if self.client else "-"})

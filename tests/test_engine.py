@@ -32,7 +32,7 @@ from server.engine.runtime import LocalEngine
 from server.engine.tiling import plan_tiles, window_side
 from server.engine.weights import MANIFEST
 from server.api.errors import status_of
-from server.errors import Cancelled, LoupeError, QueueFull
+from server.errors import Cancelled, LoupeError, QueueFull, ShuttingDown
 from server.imaging import Picture
 from tests import photos
 from tests.engine_runs import run, run_async
@@ -196,6 +196,21 @@ def test_a_device_past_its_budget_refuses_with_an_honest_retry_after(tiny_weight
     finally:
         release.set()
         worker.close(10)
+
+
+def test_closing_a_device_fails_its_queued_jobs_as_shutting_down(tiny_weights: Path) -> None:
+    worker = DeviceWorker(CPU, ModelCache(CPU, tiny_weights, 1 << 30), budget_s=10)
+    release, started = threading.Event(), threading.Event()
+    worker.submit(lambda _: (started.set(), release.wait(30)), worker.reserve(1))
+    assert started.wait(10)
+    queued = worker.submit(lambda _: "never", worker.reserve(1))
+    closing = threading.Thread(target=worker.close, args=(10,))
+    closing.start()
+    with pytest.raises(ShuttingDown):
+        queued.result(10)
+    release.set()
+    closing.join(10)
+    assert worker.backlog_s == 0
 
 
 def test_an_idle_device_takes_a_job_longer_than_its_budget(tiny_weights: Path) -> None:

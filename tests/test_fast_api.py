@@ -242,3 +242,24 @@ def test_metrics_count_requests_by_model_provider_and_status(tmp_path: Path) -> 
     assert any('model="realesr-animevideov3"' in line and 'status="200"' in line and 'provider="local"' in line
                for line in lines)
     assert any('status="400"' in line for line in lines)
+
+
+def test_a_dry_run_then_the_run_may_share_a_request_id(tmp_path: Path) -> None:
+    with loupe(tmp_path) as (url, _):
+        for query in ("?dryRun=true", ""):
+            response = httpx.post(f"{url}/v1/images/edits{query}", data={"model": "realesr-animevideov3"},
+                                  files={"image": ("a.png", png())}, headers={"X-Request-Id": "plan-then-run"})
+            assert response.status_code == 200, response.text
+
+
+def test_the_read_deadline_spares_a_long_job_whose_request_is_in(tmp_path: Path) -> None:
+    from server.serve import http_protocol
+
+    gate = threading.Event()
+    settings = loupe_settings(tmp_path / "weights", tmp_path / "data", read_timeout_s=0.5)
+    app = create_app(settings, engine_factory=lambda s: FakeEngine(s, gate=gate))
+    with serve(app, http=http_protocol(settings)) as url:
+        threading.Timer(1.5, gate.set).start()  # the job outlasts the deadline
+        response = httpx.post(f"{url}/v1/images/edits", data={"model": "realesr-animevideov3"},
+                              files={"image": ("a.png", png())}, headers={"Connection": "close"}, timeout=30)
+    assert response.status_code == 200, response.text

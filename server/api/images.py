@@ -75,6 +75,7 @@ async def _edit(request: Request, services: Services, dry_run_flag: bool) -> Res
     headers = {"X-Loupe-Model": job.requested_model}
     if dry_run_flag:
         planned = await dry_run(job, services)
+        services.progress.update(request.state.request_id, "done")
         request.state.provider = headers["X-Loupe-Provider"] = planned.provider
         return JSONResponse(planned.model_dump(), headers=headers)
     base_url = (settings.public_url or str(request.base_url)).rstrip("/")

@@ -36,6 +36,7 @@ class Reservation:
         self.worker = worker
         self.seconds = seconds  # calibrated: what this job is expected to take here
         self.estimated_s = 0.0  # as planned, before calibration
+        self.started = False  # its job is running: from then on only the worker releases it, at the job's end
         self.released = False
 
     @property
@@ -47,7 +48,8 @@ class Reservation:
         self.worker._resize(self, estimated_s)
 
     def release(self) -> None:
-        self.worker._release(self)
+        """Give the seconds back, unless the job is running: a cancelled job may still hold the device a while."""
+        self.worker._release(self, by_worker=False)
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ class DeviceWorker:
                     job = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                job.future.cancel()
+                job.future.set_exception(ShuttingDown("the local engine shut down before this job could start"))
                 if job.reservation is not None:
                     self._release_locked(job.reservation)
             if thread is not None:
@@ -157,9 +159,10 @@ class DeviceWorker:
             self._reserved_s += seconds - reservation.seconds
             reservation.seconds, reservation.estimated_s = seconds, estimated_s
 
-    def _release(self, reservation: Reservation) -> None:
+    def _release(self, reservation: Reservation, *, by_worker: bool) -> None:
         with self._lock:
-            self._release_locked(reservation)
+            if by_worker or not reservation.started:
+                self._release_locked(reservation)
 
     def _release_locked(self, reservation: Reservation) -> None:
         if not reservation.released:
@@ -183,13 +186,15 @@ class DeviceWorker:
                 return
             if not job.future.set_running_or_notify_cancel():
                 if job.reservation is not None:
-                    self._release(job.reservation)
+                    self._release(job.reservation, by_worker=True)
                 continue  # cancelled while queued
             loading_before = self.cache.loading_s
             with self._lock:
                 self._running = 1
                 self._started = time.monotonic()
                 self._running_s = job.reservation.seconds if job.reservation is not None else 0.0
+                if job.reservation is not None:
+                    job.reservation.started = True
             try:
                 result, error = job.work(self), None
             except BaseException as failure:  # handed to whoever waits on the future

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from server.engine.executor import run_tiled
-from server.engine.models import PROFILES
+from server.engine.profiles import OVERRIDES
 from tests.tiny_models import tiny_model
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as weights_dir:
         model = tiny_model(Path(weights_dir), "realesr-animevideov3-x4")
     model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, **{
-        field: getattr(PROFILES["ESRGAN"].tiling, field) for field in ("context", "blend")}))
+        field: getattr(OVERRIDES["ESRGAN"].tiling, field) for field in ("context", "blend")}))
     photo = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((args.side, args.side)))
 
     def nearest(batch: torch.Tensor) -> torch.Tensor:

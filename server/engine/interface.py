@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from server.catalog import ModelEntry
+from server.engine.custom import CustomModel
 from server.engine.planning import PictureFacts
 from server.engine.precision import Execution
 from server.imaging import Picture
@@ -46,6 +47,14 @@ class Engine(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    def find(self, name: str) -> ModelEntry | None:
+        """The model `name` as this engine knows it: the catalog's, or its own (custom files)."""
+        ...
+
+    def custom_models(self) -> list[CustomModel]:
+        """The models beyond the catalog this engine offers, runnable or not."""
+        ...
 
     def unavailable_reason(self, entry: ModelEntry) -> str | None:
         """None when `entry` can run here now; else why not, and what fixes it."""

@@ -5,7 +5,6 @@ picks the tile size, and the executor's halve-on-OOM corrects it when the estima
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -21,48 +20,16 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from server.engine import precision
+from server.engine import custom, precision
 from server.engine.aura import SeededBatch
-from server.engine.precision import Capabilities, Execution, PrecisionSetting
+from server.engine.precision import Execution, PrecisionSetting
+from server.engine.profiles import ArchProfile, ProfileStore, capabilities_of
 from server.engine.tiling import TilingSpec, window_side
 from server.engine.weights import MANIFEST, find_weights
 from server.errors import ModelUnavailable
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ArchProfile:
-    """What the engine knows about an architecture before it loads one."""
-
-    activations: int  # peak activation elements per window pixel at batch 1 (measured, with allocator slack)
-    tiling: TilingSpec
-    capabilities: Capabilities = Capabilities()
-    work: float = 1.0  # compute per parameter·pixel, relative to the convolution nets the rates below come from
-    max_batch: dict[str, int] | None = None  # windows per pass by device kind; None: MAX_BATCH
-    saturating_pixels: int | None = None  # window pixels per pass past which a GPU gains no throughput
-    stochastic: bool = False  # samples noise in its forward pass: seeded per request, never compiled
-
-
-# ESRGAN: 13 KB per input pixel in fp32 on the CPU, 8.6 GiB for a 1024² frame in fp16 on an H100.
-# There it delivers 44, 53 and 55 output MP/s at 256², 512² and 1024² (fp16, channels_last): past one
-# 512² window a bigger batch only costs memory, so it runs one window per pass (about 2.7 GiB).
-# Its receptive field is wide: 48-px tiles of x4plus match a full frame at 48 dB with 32 px of
-# context, 40 dB with 24 and 37 dB with 16. Compact: under 1.4 KB per input pixel in fp32 on the
-# CPU, and 74 dB with 16 px of context.
-# AuraSR (618 M parameters, fp32 only): about 320 MB per 64-px window on the CPU, 14 s per window on
-# 2 threads. It runs on its native 64-px grid, batched (its convolutions are grouped per window, so
-# a batch costs no more than its windows); batches on the CPU stay small, as cancellation and
-# progress wait for a whole batch. Its 5-D modulated conv weights have no channels_last layout.
-PROFILES: dict[str, ArchProfile] = {
-    "ESRGAN": ArchProfile(activations=4400, tiling=TilingSpec(context=32, blend=16), saturating_pixels=512 * 512),
-    "Compact": ArchProfile(activations=400, tiling=TilingSpec(context=16, blend=8)),
-    "AuraSR": ArchProfile(activations=24000, tiling=TilingSpec(context=0, blend=0, grid=64, shifted_pass=True),
-                          capabilities=Capabilities(half=False, bfloat16=False, fp32_only=True, channels_last=False),
-                          work=0.3, max_batch={"cuda": 16, "cpu": 4}, stochastic=True),
-}
-UNKNOWN_PROFILE = ArchProfile(activations=8000, tiling=TilingSpec(context=16, blend=8),
-                              capabilities=Capabilities(half=False))
 
 # Convolution work per input pixel grows with the parameter count, so one rate per device kind
 # covers both families: x4plus (16.7 M params) 128² in 5.3 s and animevideov3 (0.6 M) 240×160 in
@@ -78,6 +45,7 @@ MAX_TILE_CUDA = 512
 MAX_BATCH = {"cuda": 4, "cpu": 1}
 TILE_CHOICES = (512, 384, 256, 192, 128, 96, 64, 48, 32, 16)
 HEADROOM = {"cuda": 0.7, "cpu": 0.4}  # of free memory that one batch may use
+_MEASURED = ProfileStore()  # when no store is given: measurements kept for this process only
 
 
 @dataclass(frozen=True)
@@ -117,17 +85,16 @@ class LoadedModel:
     def batch_shape(self) -> tuple[int, int, int, int]:
         """The shape of a full batch of windows at the chosen tile: what gets compiled."""
         side = window_side(self.tile, self.spec)
-        return self.batch, 3, side, side
+        return self.batch, self.descriptor.input_channels, side, side
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1], model dtype and device → (N, 3, H·scale, W·scale) in [0, 1]."""
-        compiled = self.compiled
         if isinstance(batch, SeededBatch):
             output = self.descriptor.model(batch, noise=batch.style)  # AuraSR's style latent
-        elif compiled is not None and compiled.shape in (None, tuple(batch.shape)):
-            output = compiled.fn(batch)
+        elif self.descriptor.input_channels == 1:
+            output = _with_colour_back(batch, self._forward)
         else:
-            output = self.descriptor.model(batch)
+            output = self._forward(batch)
         if self.scale != self.network_scale:
             height, width = batch.shape[-2:]
             output = F.interpolate(output, size=(height * self.scale, width * self.scale), mode="bicubic",
@@ -135,38 +102,61 @@ class LoadedModel:
         return output.clamp_(0, 1)
 
 
-def profile_of(architecture: str) -> ArchProfile:
-    return PROFILES.get(architecture, UNKNOWN_PROFILE)
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        compiled = self.compiled
+        if compiled is not None and compiled.shape in (None, tuple(batch.shape)):
+            return compiled.fn(batch)
+        return self.descriptor.model(batch)
 
 
-def execution_for(weight_id: str, device: torch.device, setting: PrecisionSetting,
+def _with_colour_back(rgb: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A 1-channel network over the luminance (BT.601 Y'CbCr); the chroma is resampled to its size and put back.
+    A gray picture has no chroma, so it comes back gray."""
+    red, green, blue = rgb[:, 0:1], rgb[:, 1:2], rgb[:, 2:3]
+    luma = 0.299 * red + 0.587 * green + 0.114 * blue
+    chroma = torch.cat([(blue - luma) * 0.564, (red - luma) * 0.713], dim=1)
+    luma = forward(luma)
+    blue_diff, red_diff = F.interpolate(chroma, size=luma.shape[-2:], mode="bicubic", align_corners=False).unbind(1)
+    blue_diff, red_diff = blue_diff[:, None], red_diff[:, None]
+    return torch.cat([luma + 1.403 * red_diff, luma - 0.344 * blue_diff - 0.714 * red_diff, luma + 1.773 * blue_diff],
+                     dim=1)
+
+
+def execution_for(architecture: str, device: torch.device, setting: PrecisionSetting,
                   descriptor: spandrel.ModelDescriptor | None = None) -> Execution:
-    """How a manifest weight runs on `device`: from its profile, and its loaded descriptor when there is one."""
-    capabilities = profile_of(MANIFEST[weight_id].architecture).capabilities
-    if descriptor is not None:
-        capabilities = dataclasses.replace(capabilities, half=capabilities.half and descriptor.supports_half,
-                                           bfloat16=capabilities.bfloat16 and descriptor.supports_bfloat16)
-    return precision.choose(setting, device, capabilities)
+    """How a network of `architecture` runs on `device`: from its profile, and its loaded descriptor if any."""
+    return precision.choose(setting, device, capabilities_of(architecture, descriptor))
 
 
 def fetch_hint(weight_id: str, weights_dir: Path) -> str:
-    """The command that brings a manifest weight into `weights_dir`, and what to do without internet."""
+    """The command that brings a weight into `weights_dir`, and what to do without internet."""
+    if weight_id not in MANIFEST:
+        return f"`loupe weights add FILE --name {weight_id.removeprefix(custom.PREFIX)}`"
     return f"`loupe weights pull {weight_id}` (or {offline_hint(weight_id, weights_dir)})"
 
 
 def offline_hint(weight_id: str, weights_dir: Path) -> str:
-    weight = MANIFEST[weight_id]
+    weight = MANIFEST.get(weight_id)
+    if weight is None:
+        return f"put its file back in {weights_dir / custom.FOLDER}"
     if weight.ncnn_stem is not None:
         return "`loupe weights import-ncnn` without internet"
     return f"place any {weight.architecture} .safetensors file in {weight.official_path(weights_dir).parent}"
 
 
-def load_model(weight_id: str, weights_dir: Path, device: torch.device,
-               setting: PrecisionSetting = "auto") -> LoadedModel:
-    """Load a manifest weight onto `device`; a missing or broken file is a 503 that says how to fix it."""
-    weight = MANIFEST[weight_id]
-    path = find_weights(weight_id, weights_dir)
-    if path is None:
+def locate(weight_id: str, weights_dir: Path) -> Path | None:
+    """The file of a manifest weight or of a runnable custom model; None when it isn't there."""
+    weight = custom.weight_file(weight_id, weights_dir)
+    return find_weights(weight_id, weights_dir, manifest={weight_id: weight}) if weight is not None else None
+
+
+def load_model(weight_id: str, weights_dir: Path, device: torch.device, setting: PrecisionSetting = "auto",
+               profiles: ProfileStore | None = None) -> LoadedModel:
+    """Load a manifest weight or a custom file onto `device`; a missing or broken file is a 503 that says how to
+    fix it. A custom architecture is measured on first load (`profiles`: where measurements are kept)."""
+    weight = custom.weight_file(weight_id, weights_dir)
+    path = locate(weight_id, weights_dir)
+    if weight is None or path is None:
         raise ModelUnavailable(f"the weights for {weight_id} are not in {weights_dir}: run "
                                f"{fetch_hint(weight_id, weights_dir)}", code="WEIGHTS_MISSING")
     try:
@@ -177,16 +167,15 @@ def load_model(weight_id: str, weights_dir: Path, device: torch.device,
     if found != (weight.architecture, weight.network_scale):
         raise _corrupt(weight_id, weights_dir, path, f"it holds a {found[0]} x{found[1]} network, "
                                                      f"not {weight.architecture} x{weight.network_scale}")
-    if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.input_channels != 3 \
-            or descriptor.output_channels != 3:
-        raise _corrupt(weight_id, weights_dir, path, "it is not an RGB image-to-image network")
-    execution = execution_for(weight_id, device, setting, descriptor)
+    channels = (descriptor.input_channels, descriptor.output_channels)
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor) or channels not in ((3, 3), (1, 1)):
+        raise _corrupt(weight_id, weights_dir, path, "it is not an RGB or 1-channel image-to-image network")
+    execution = execution_for(found[0], device, setting, descriptor)
     descriptor.to(device, execution.dtype).eval()
     if execution.channels_last:
         descriptor.model.to(memory_format=torch.channels_last)
-    profile = profile_of(descriptor.architecture.id)
-    requirements = descriptor.size_requirements
-    spec = dataclasses.replace(profile.tiling, multiple_of=requirements.multiple_of, minimum=requirements.minimum)
+    profile = (profiles or _MEASURED).profile(descriptor, device, execution.dtype, rate(device, execution.dtype))
+    spec = profile.tiling
     params = sum(p.numel() for p in descriptor.model.parameters())
     nbytes = sum(t.numel() * t.element_size() for t in (*descriptor.model.parameters(), *descriptor.model.buffers()))
     tile, batch = choose_tiling(profile, spec, execution.dtype, device, free_memory(device))
@@ -201,7 +190,7 @@ def _corrupt(weight_id: str, weights_dir: Path, path: Path, why: str) -> ModelUn
 
 def parameter_count(weight_id: str, weights_dir: Path) -> int | None:
     """Parameters of a weight file without loading it (safetensors header; else its size at 4 bytes each)."""
-    path = find_weights(weight_id, weights_dir)
+    path = locate(weight_id, weights_dir)
     if path is None:
         return None
     if path.suffix != ".safetensors":
@@ -224,8 +213,9 @@ class ModelCache:
     """Loaded models of one device, least recently used first out once they exceed `budget` bytes."""
 
     def __init__(self, device: torch.device, weights_dir: Path, budget: int, setting: PrecisionSetting = "auto",
-                 on_load: Callable[[LoadedModel], None] | None = None) -> None:
+                 on_load: Callable[[LoadedModel], None] | None = None, profiles: ProfileStore | None = None) -> None:
         self.device = device
+        self.profiles = profiles
         self.weights_dir = weights_dir
         self.budget = budget
         self.precision = setting
@@ -241,7 +231,7 @@ class ModelCache:
                 self._models.move_to_end(weight_id)
                 return model
             started = time.monotonic()
-            model = load_model(weight_id, self.weights_dir, self.device, self.precision)
+            model = load_model(weight_id, self.weights_dir, self.device, self.precision, self.profiles)
             self.loading_s += time.monotonic() - started
             self._models[weight_id] = model
             self._evict(keep=weight_id)
@@ -320,14 +310,17 @@ def choose_tiling(profile: ArchProfile, spec: TilingSpec, dtype: torch.dtype, de
     return tile, batch
 
 
+def rate(device: torch.device, dtype: torch.dtype) -> float:
+    """Parameter·pixels a second that eager torch delivers here for a network of work 1."""
+    if device.type == "cuda":
+        return CUDA_RATE
+    return CPU_RATE_PER_THREAD * torch.get_num_threads() * CPU_SPEEDUP.get(dtype, 1.0)
+
+
 def seconds_for(params: int, window_pixels: int, device: torch.device, dtype: torch.dtype, backend: str = "torch",
                 work: float = 1.0) -> float:
     """A rough running time for `window_pixels` input pixels through a network of `params` parameters."""
-    if device.type == "cuda":
-        rate = CUDA_RATE
-    else:
-        rate = CPU_RATE_PER_THREAD * torch.get_num_threads() * CPU_SPEEDUP.get(dtype, 1.0)
-    return work * params * window_pixels / (rate * BACKEND_SPEEDUP[backend])
+    return work * params * window_pixels / (rate(device, dtype) * BACKEND_SPEEDUP[backend])
 
 
 def compile_model(model: LoadedModel, cache_dir: Path) -> None:

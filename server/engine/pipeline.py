@@ -31,10 +31,8 @@ def plan_passes(scale: float, natives: Sequence[int]) -> list[int]:
     options = sorted(set(natives), reverse=True)
     if not options or options[-1] < 1 or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"cannot plan scale {scale} with native scales {list(natives)}")
-    if scale <= 1:
+    if scale <= 1 or options[0] == 1:  # a 1× network runs once; the resample makes any scale
         return [options[-1]]
-    if options[0] < 2:
-        raise ValueError(f"native scales {list(natives)} cannot upscale")
     needed = scale * (1 - _SLACK)
     count = 1
     while options[0] ** count < needed:

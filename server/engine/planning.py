@@ -163,9 +163,11 @@ def _plan_tiles_for(size: tuple[int, int], scale: int, weight: ModelFacts, devic
     spec = weight.spec
     if spec.grid:
         return plan_tiles(size, scale, spec.grid, spec)
+    if weight.profile.untiled:  # it tiles inside itself: one full frame
+        return plan_tiles(size, scale, 0, spec)
     if tile_size is not None:
         return plan_tiles(size, scale, tile_size, spec, fixed_window=device.type == "cuda" and tile_size > 0)
-    if device.type == "cuda":
+    if device.type == "cuda" and not weight.profile.fewest_tiles:
         return plan_tiles(size, scale, weight.tile, spec, fixed_window=True)
     usable = free_memory * HEADROOM[device.type]
 

@@ -17,27 +17,26 @@ import torch
 from server import catalog
 from server.catalog import MODELS, ModelEntry
 from server.config import Settings, SettingsError
-from server.engine import openvino_backend, precision
+from server.engine import custom, openvino_backend, precision
 from server.engine.devices import DeviceWorker, Reservation
 from server.engine.executor import run_tiled
 from server.engine.models import (
-    ArchProfile,
     LoadedModel,
     ModelCache,
     cache_budget,
     choose_tiling,
     compile_model,
     execution_for,
+    fetch_hint,
     free_memory,
-    offline_hint,
+    locate,
     parameter_count,
-    profile_of,
 )
 from server.engine.pipeline import upscale_picture
 from server.engine.planning import JobPlan, ModelFacts, PictureFacts, plan_job
 from server.engine.precision import Execution
+from server.engine.profiles import ArchProfile, ProfileStore, profile_of
 from server.engine.tiling import TilingSpec
-from server.engine.weights import MANIFEST, find_weights
 from server.errors import ModelUnavailable
 from server.imaging import Picture
 
@@ -73,9 +72,10 @@ class LocalEngine:
         self._background: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._background_thread: threading.Thread | None = None
         on_load = self._queue_compile if self._compiling else None
+        profiles = ProfileStore(settings.data_dir / "profiles.json")
         self.workers = [
             DeviceWorker(device, ModelCache(device, settings.weights_dir, cache_budget(device, settings.vram_budget),
-                                            settings.precision, on_load), settings.queue_budget_s)
+                                            settings.precision, on_load, profiles), settings.queue_budget_s)
             for device in devices
         ]
         self.device_name = _describe(devices)
@@ -92,14 +92,14 @@ class LocalEngine:
             return
         self._background_thread = threading.Thread(target=self._background_loop, name="loupe-compile", daemon=True)
         self._background_thread.start()
-        weight_ids = sorted({w for entry in MODELS if entry.local is not None and entry.local.family == "esrgan"
-                             for w in entry.local.weights.values()})
+        weight_ids = sorted({w for entry in MODELS if entry.local is not None for w in entry.local.weights.values()})
         for worker in self.workers:
             for weight_id in weight_ids:
-                if not self._compiles(worker.device, execution_for(weight_id, worker.device, self.settings.precision),
-                                      profile_of(MANIFEST[weight_id].architecture)):
+                architecture = self._architecture(weight_id)
+                if not self._compiles(worker.device, execution_for(architecture, worker.device,
+                                                                   self.settings.precision), profile_of(architecture)):
                     continue
-                if find_weights(weight_id, self.settings.weights_dir) is not None:
+                if locate(weight_id, self.settings.weights_dir) is not None:
                     self._background.put(functools.partial(worker.cache.get, weight_id))
 
     async def close(self) -> None:
@@ -110,12 +110,29 @@ class LocalEngine:
         if entry.local is None:
             return f"{entry.id} has no local weights"
         weights_dir = self.settings.weights_dir
-        missing = [w for w in entry.local.weights.values() if find_weights(w, weights_dir) is None]
+        if entry.owned_by == "custom":
+            found = custom.find(weights_dir, entry.id)
+            if found is None:
+                return f"the file of the custom model {entry.id} is gone from {weights_dir / custom.FOLDER}"
+            return found.reason
+        missing = [w for w in entry.local.weights.values() if locate(w, weights_dir) is None]
         if missing:
-            pulls = " and ".join(f"`loupe weights pull {w}`" for w in missing)
-            offline = "; ".join(sorted({offline_hint(w, weights_dir) for w in missing}))
-            return f"the weights {', '.join(missing)} are not in {weights_dir}: run {pulls} (or {offline})"
+            fixes = " and ".join(fetch_hint(w, weights_dir) for w in missing)
+            return f"the weights {', '.join(missing)} are not in {weights_dir}: run {fixes}"
         return None
+
+    def custom_models(self) -> list[custom.CustomModel]:
+        """The files in the custom folder now, runnable or not (each with its reason)."""
+        reserved = {name for entry in MODELS for name in (entry.id, *entry.aliases)}
+        return custom.scan(self.settings.weights_dir, reserved)
+
+    def find(self, name: str) -> ModelEntry | None:
+        """A catalog model by id or alias, else a custom model of that name (runnable or not)."""
+        entry = catalog.find(name)
+        if entry is not None:
+            return entry
+        found = custom.find(self.settings.weights_dir, name)
+        return found.entry if found is not None else None
 
     def execution(self, entry: ModelEntry) -> Execution:
         """How the weight of `entry`'s largest native scale runs on the first device: what /v1/models shows."""
@@ -123,8 +140,8 @@ class LocalEngine:
         worker = self.workers[0]
         weight_id = entry.local.weights[entry.local.native_scales[-1]]
         loaded = worker.cache.peek(weight_id)
-        return loaded.execution if loaded is not None else execution_for(weight_id, worker.device,
-                                                                          self.settings.precision)
+        return loaded.execution if loaded is not None else execution_for(self._architecture(weight_id),
+                                                                          worker.device, self.settings.precision)
 
     def reserve(self, entry: ModelEntry, picture: PictureFacts, target: tuple[int, int], n: int = 1) -> Reservation:
         """A place for this job on the device with the least work reserved, from the picture's header, before it is
@@ -188,8 +205,9 @@ class LocalEngine:
 
     def _submit(self, plan: JobPlan, picture: Picture, reservation: Reservation | None, seed: int | None,
                 progress: Progress | None, cancel: threading.Event) -> Future[list[Picture]]:
-        entry = catalog.find(plan.model)
-        assert entry is not None  # the plan was made from it
+        entry = self.find(plan.model)
+        if entry is None:  # a custom file removed since the plan was made
+            raise ModelUnavailable(f"the model {plan.model} is gone")
         reason = self.unavailable_reason(entry)
         if reason is not None:
             raise ModelUnavailable(reason)
@@ -228,13 +246,18 @@ class LocalEngine:
             return ModelFacts(weight_id, model.profile, self._spec(model.spec), model.execution, model.params,
                               model.nbytes, model.tile, model.batch,
                               model.compiled.backend if model.compiled is not None else "torch")
-        profile = profile_of(MANIFEST[weight_id].architecture)
+        architecture = self._architecture(weight_id)
+        profile = profile_of(architecture)
         device = worker.device
-        execution = execution_for(weight_id, device, self.settings.precision)
+        execution = execution_for(architecture, device, self.settings.precision)
         tile, batch = choose_tiling(profile, profile.tiling, execution.dtype, device, free_memory(device))
         params = parameter_count(weight_id, self.settings.weights_dir) or 0
         return ModelFacts(weight_id, profile, self._spec(profile.tiling), execution, params,
                           params * execution.dtype.itemsize, tile, batch, "torch")
+
+    def _architecture(self, weight_id: str) -> str:
+        weight = custom.weight_file(weight_id, self.settings.weights_dir)
+        return weight.architecture if weight is not None else "?"
 
     def _spec(self, spec: TilingSpec) -> TilingSpec:
         """The tiling as configured: LOUPE_AURA_OVERLAP turns a grid's shifted second pass on or off."""
@@ -242,7 +265,8 @@ class LocalEngine:
 
     def _queue_compile(self, model: LoadedModel) -> None:
         # Without start() (the CLI) everything stays eager; a compiled AuraSR would draw its own noise.
-        if self._background_thread is not None and self._compiles(model.device, model.execution, model.profile):
+        if self._background_thread is not None and model.descriptor.input_channels == 3 \
+                and self._compiles(model.device, model.execution, model.profile):
             self._background.put(functools.partial(self._compile, model))
 
     @staticmethod
@@ -260,7 +284,7 @@ class LocalEngine:
             compile_model(model, self.settings.data_dir / "compile-cache")
         else:
             log.info("preparing %s with OpenVINO on %s", model.weight_id, model.device)
-            weights_file = find_weights(model.weight_id, self.settings.weights_dir)
+            weights_file = locate(model.weight_id, self.settings.weights_dir)
             assert weights_file is not None  # it was just loaded from there
             model.compiled = openvino_backend.prepare(model, weights_file, self.settings.data_dir / "openvino")
         log.info("compiled %s on %s", model.weight_id, model.device)

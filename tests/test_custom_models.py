@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -210,6 +211,18 @@ def test_a_pickle_that_would_run_code_is_refused_and_never_run(tmp_path: Path) -
     assert sorted(p.name for p in (weights / "custom").iterdir()) == ["evil.pth"]  # nothing of evil2 left
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".pt"])
+def test_a_torchscript_archive_is_refused_unrun(tmp_path: Path, suffix: str) -> None:
+    """TorchScript carries code (spandrel itself would run it): only tensors are ever read from a pickle."""
+    from server.engine import custom
+
+    weights = tmp_path / "weights"
+    (weights / "custom").mkdir(parents=True)
+    torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 3, 3)), str(weights / "custom" / f"scripted{suffix}"))
+    (found,) = custom.scan(weights, set())
+    assert found.reason is not None and "spandrel can't load" in found.reason
+
+
 def _env(weights: Path, tmp_path: Path) -> dict[str, str]:
     import os
 
@@ -247,7 +260,17 @@ def test_a_file_dropped_in_or_removed_shows_without_a_restart(tmp_path: Path) ->
         assert "hot" not in {card.id for card in sdk(url).models.list()}
         save(NETWORKS["span-2x"](), weights / "custom" / "hot.safetensors")
         assert "hot" in {card.id for card in sdk(url).models.list()}
-        assert upscale(url, "hot", image, 2).shape == (32, 48, 3)
+        first = upscale(url, "hot", image, 2)
+        assert first.shape == (32, 48, 3)
+        # Its network was measured on first load, and the measurement kept for the next start.
+        measured = json.loads((tmp_path / "data" / "profiles.json").read_text())
+        assert any(key.startswith("SPAN/x2/") and value["activations"] > 0 for key, value in measured.items())
+        replacement = NETWORKS["span-2x"]()
+        with torch.no_grad():
+            for parameter in replacement.parameters():
+                parameter.mul_(-3)
+        save(replacement, weights / "custom" / "hot.safetensors")  # same name, another network: it is reloaded
+        assert not np.array_equal(upscale(url, "hot", image, 2), first)
         (weights / "custom" / "hot.safetensors").unlink()
         assert "hot" not in {card.id for card in sdk(url).models.list()}
         with pytest.raises(openai.NotFoundError):

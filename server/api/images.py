@@ -67,7 +67,7 @@ async def edit_image(
 async def _edit(request: Request, services: Services, dry_run_flag: bool) -> Response:
     settings = services.settings
     form, image_field, extra = await _read_form(request, settings)
-    entry = _resolve_model(form.model, services)
+    entry = await asyncio.to_thread(_resolve_model, form.model, services)  # a new custom file is inspected
     # A catalog or custom id, never the client's own string: metric labels must stay a bounded set.
     request.state.model_label = entry.id if entry.local is not None or catalog.find(entry.id) else "(gateway)"
     source = await _load_image(image_field, settings)

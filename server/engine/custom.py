@@ -1,11 +1,11 @@
 """Custom models: any file spandrel can load, dropped into `<weights dir>/custom/`, served as the model `NAME`.
 
 `custom/NAME.{safetensors,pth,pt,ckpt}` is the model id `NAME`; its weight id is `custom/NAME`. The folder is
-read again on every listing, and each file is inspected once per version (size and modification time): loaded
-on the CPU by spandrel (pickles only through its restricted unpickler: a file that asks to run code is refused,
-never run), checked to be an image-to-image upscaler or restorer of 1 or 3 channels, and run once on a small
-probe. Whatever fails (a half-copied file, an unknown architecture, an inpainting model, an id that clashes with
-the catalog) is listed as not runnable, with the reason.
+read again on every listing, and each file is inspected once per version (inode, size, times): loaded on the CPU,
+a pickle only through torch's `weights_only` unpickler (a file that asks to run code is refused, and nothing in it
+runs), checked to be an image-to-image upscaler or restorer of 1 or 3 channels, and run once on a small probe.
+Whatever fails (a half-copied file, an unknown architecture, an inpainting model, two files of one name, an id
+that clashes with the catalog) is listed as not runnable, with the reason.
 """
 from __future__ import annotations
 
@@ -20,14 +20,15 @@ import spandrel
 import torch
 
 from server.catalog import MODELS, LocalSpec, ModelEntry
-from server.engine.profiles import probe_side
-from server.engine.weights import MANIFEST, WeightFile, WeightsError, WeightStatus, copied, downloaded
+from server.engine.profiles import Traits, probe_side
+from server.engine.weights import MANIFEST, WeightFile, WeightsError, WeightStatus, copied, downloaded, load_descriptor
 
 FOLDER = "custom"
 SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 PREFIX = FOLDER + "/"  # of a custom file's weight id
 RUNNABLE_PURPOSES = ("SR", "Restoration")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+Version = tuple[int, int, int, int, int]  # inode, size, mtime, ctime, device
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class CustomModel:
     channels: int = 3  # in and out: 3, or 1 (luminance)
     params: int = 0
     purpose: str | None = None
+    traits: Traits | None = None  # what spandrel's descriptor says of it
+    version: Version | None = None  # of the file inspected
 
     @property
     def weight_id(self) -> str:
@@ -59,60 +62,92 @@ class CustomModel:
                           filename=self.path.name, url=None, sha256=None, directory=FOLDER)
 
 
-_inspected: dict[Path, tuple[tuple[int, int], CustomModel]] = {}
-_lock = threading.Lock()
+_inspected: dict[Path, CustomModel] = {}
+_lock = threading.Lock()  # one inspection at a time: two requests never load the same big file twice
 
 
-def scan(weights_dir: Path, reserved: set[str]) -> list[CustomModel]:
-    """Every custom model file there now, in name order; `reserved`: the catalog's ids and aliases."""
-    folder = weights_dir / FOLDER
-    try:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
-    except OSError:
-        return []
-    models: list[CustomModel] = []
-    seen: set[str] = set()
-    for path in files:
-        name = path.stem
-        if name in reserved:
-            models.append(CustomModel(name, path, f"the id {name} is taken by a built-in model: rename the file"))
-        elif name in seen:
-            models.append(CustomModel(name, path, f"another file is already the model {name}: rename one"))
-        elif not _NAME.fullmatch(name):
-            models.append(CustomModel(name, path, "a model id takes letters, digits and . _ + - only: rename it"))
-        else:
-            found = inspected(path, name)
-            if found is not None:
-                models.append(found)
-        seen.add(name)
-    return models
-
-
-def inspected(path: Path, name: str) -> CustomModel | None:
-    """The file's inspection, made once per version of it; None if the file is gone."""
+def version_of(path: Path) -> Version | None:
     try:
         info = path.stat()
     except OSError:
         return None
-    version = (info.st_size, info.st_mtime_ns)
+    return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_dev
+
+
+def scan(weights_dir: Path, reserved: set[str]) -> list[CustomModel]:
+    """Every custom model file there now, in name order; `reserved`: the catalog's ids and aliases."""
+    files = _files(weights_dir)
+    with _lock:  # forget the files that are gone
+        for path in [p for p in _inspected if p.parent == weights_dir / FOLDER and p not in
+                     {f for group in files.values() for f in group}]:
+            del _inspected[path]
+    models: list[CustomModel] = []
+    for name, paths in sorted(files.items()):
+        if name in reserved:
+            models += [CustomModel(name, p, f"the id {name} is taken by a built-in model: rename the file")
+                       for p in paths]
+        else:
+            found = _resolve(name, paths)
+            if found is not None:
+                models.append(found)
+    return models
+
+
+def find(weights_dir: Path, name: str) -> CustomModel | None:
+    """The custom model `name`, runnable or not; None when no file is it."""
+    return _resolve(name, _files(weights_dir, name).get(name, []))
+
+
+def _files(weights_dir: Path, only: str | None = None) -> dict[str, list[Path]]:
+    """The folder's model files by model id (a file name's stem), or only those of `only`."""
+    try:
+        entries = list((weights_dir / FOLDER).iterdir())
+    except OSError:
+        return {}
+    named: dict[str, list[Path]] = {}
+    for path in sorted(entries):
+        if path.suffix.lower() in SUFFIXES and not path.name.startswith(".") and only in (None, path.stem):
+            named.setdefault(path.stem, []).append(path)
+    return named
+
+
+def _resolve(name: str, paths: list[Path]) -> CustomModel | None:
+    """The one model these files (all named `name`) make: the same answer for the listing and for a request."""
+    if not paths:
+        return None
+    if not _NAME.fullmatch(name):
+        return CustomModel(name, paths[0], "a model id takes letters, digits and . _ + - only: rename the file")
+    if len(paths) > 1:
+        return CustomModel(name, paths[0], f"{len(paths)} files are the model {name}: keep one")
+    return inspected(paths[0], name)
+
+
+def inspected(path: Path, name: str) -> CustomModel | None:
+    """The file's inspection, made once per version of it; None if the file is gone.
+
+    A known version is answered without the lock, so that the event loop never waits on another inspection.
+    """
+    version = version_of(path)
+    if version is None:
+        return None
+    cached = _inspected.get(path)
+    if cached is not None and cached.version == version and cached.id == name:
+        return cached
     with _lock:
         cached = _inspected.get(path)
-        if cached is not None and cached[0] == version:
-            return cached[1]
-    model = inspect(path, name)
-    with _lock:
-        _inspected[path] = (version, model)
-    return model
+        if cached is None or cached.version != version or cached.id != name:
+            cached = _inspected[path] = dataclasses.replace(inspect(path, name), version=version)
+        return cached
 
 
 def inspect(path: Path, name: str) -> CustomModel:
-    """Load `path` with spandrel on the CPU and run it once on a probe: a runnable model, or why not."""
+    """Load `path` on the CPU and run it once on a probe: a runnable model, or why not."""
     try:
-        descriptor = spandrel.ModelLoader(device="cpu").load_from_file(path)
+        descriptor = load_descriptor(path)
     except Exception as error:  # truncated, foreign, unsafe pickle, unknown architecture: each is one answer
         return CustomModel(name, path, f"spandrel can't load {path.name}: {_first_line(error)}")
     architecture = descriptor.architecture.id
-    facts = {"architecture": architecture, "purpose": descriptor.purpose,
+    facts = {"architecture": architecture, "purpose": descriptor.purpose, "traits": Traits.of(descriptor),
              "params": sum(p.numel() for p in descriptor.model.parameters())}
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.purpose not in RUNNABLE_PURPOSES:
         return CustomModel(name, path, f"it is a {architecture} {descriptor.purpose} model (inpainting, face "
@@ -189,15 +224,3 @@ def weight_file(weight_id: str, weights_dir: Path) -> WeightFile | None:
         return None
     model = find(weights_dir, weight_id.removeprefix(PREFIX))
     return model.weight if model is not None and model.reason is None else None
-
-
-def find(weights_dir: Path, name: str) -> CustomModel | None:
-    """The custom model `name`, runnable or not; None when no file is it."""
-    if not _NAME.fullmatch(name):
-        return None
-    files = [weights_dir / FOLDER / (name + suffix) for suffix in SUFFIXES]
-    found = [model for path in files if path.is_file() for model in [inspected(path, name)] if model is not None]
-    if len(found) > 1:
-        return CustomModel(name, found[0].path, f"more than one file is the model {name}: keep one")
-    return found[0] if found else None
-

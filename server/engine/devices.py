@@ -139,7 +139,8 @@ class DeviceWorker:
                     job = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                job.future.set_exception(ShuttingDown("the local engine shut down before this job could start"))
+                if job.future.set_running_or_notify_cancel():  # not cancelled by its waiter already
+                    job.future.set_exception(ShuttingDown("the local engine shut down before this job could start"))
                 if job.reservation is not None:
                     self._release_locked(job.reservation)
             if thread is not None:

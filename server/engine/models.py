@@ -23,9 +23,9 @@ from safetensors import safe_open
 from server.engine import custom, precision
 from server.engine.aura import SeededBatch
 from server.engine.precision import Execution, PrecisionSetting
-from server.engine.profiles import ArchProfile, ProfileStore, capabilities_of
+from server.engine.profiles import ArchProfile, ProfileStore, Traits, capabilities_of
 from server.engine.tiling import TilingSpec, window_side
-from server.engine.weights import MANIFEST, find_weights
+from server.engine.weights import MANIFEST, find_weights, load_descriptor
 from server.errors import ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,12 @@ class LoadedModel:
     tile: int  # on a GPU the largest core side, fixed at load so that shapes stay fixed; 0 on the CPU: no cap
     batch: int  # windows per forward pass
     compiled: CompiledForward | None = None
+    source: tuple[Path, custom.Version | None] | None = None  # a custom file, and the version of it loaded
+
+    @property
+    def stale(self) -> bool:
+        """A custom file replaced (or removed) since it was loaded: the next job loads it again."""
+        return self.source is not None and custom.version_of(self.source[0]) != self.source[1]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -110,22 +116,24 @@ class LoadedModel:
 
 
 def _with_colour_back(rgb: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """A 1-channel network over the luminance (BT.601 Y'CbCr); the chroma is resampled to its size and put back.
-    A gray picture has no chroma, so it comes back gray."""
-    red, green, blue = rgb[:, 0:1], rgb[:, 1:2], rgb[:, 2:3]
+    """A 1-channel network over the luma (BT.601 weights); the colour differences B−Y and R−Y are resampled to its
+    output's size and put back. All but the network runs in fp32, so the round trip is exact to float precision,
+    and a gray picture (no colour difference) comes back gray."""
+    red, green, blue = rgb.float().unbind(1)
     luma = 0.299 * red + 0.587 * green + 0.114 * blue
-    chroma = torch.cat([(blue - luma) * 0.564, (red - luma) * 0.713], dim=1)
-    luma = forward(luma)
-    blue_diff, red_diff = F.interpolate(chroma, size=luma.shape[-2:], mode="bicubic", align_corners=False).unbind(1)
-    blue_diff, red_diff = blue_diff[:, None], red_diff[:, None]
-    return torch.cat([luma + 1.403 * red_diff, luma - 0.344 * blue_diff - 0.714 * red_diff, luma + 1.773 * blue_diff],
-                     dim=1)
+    differences = torch.stack([blue - luma, red - luma], dim=1)
+    out_luma = forward(luma[:, None].to(rgb.dtype).contiguous(memory_format=torch.channels_last)).float()[:, 0]
+    blue_diff, red_diff = F.interpolate(differences, size=out_luma.shape[-2:], mode="bicubic",
+                                        align_corners=False).unbind(1)
+    out_blue, out_red = out_luma + blue_diff, out_luma + red_diff
+    out_green = (out_luma - 0.299 * out_red - 0.114 * out_blue) / 0.587
+    return torch.stack([out_red, out_green, out_blue], dim=1).to(rgb.dtype)
 
 
 def execution_for(architecture: str, device: torch.device, setting: PrecisionSetting,
-                  descriptor: spandrel.ModelDescriptor | None = None) -> Execution:
-    """How a network of `architecture` runs on `device`: from its profile, and its loaded descriptor if any."""
-    return precision.choose(setting, device, capabilities_of(architecture, descriptor))
+                  traits: Traits | None = None) -> Execution:
+    """How a network of `architecture` runs on `device`: from its profile, and what spandrel says of it if known."""
+    return precision.choose(setting, device, capabilities_of(architecture, traits))
 
 
 def fetch_hint(weight_id: str, weights_dir: Path) -> str:
@@ -156,11 +164,12 @@ def load_model(weight_id: str, weights_dir: Path, device: torch.device, setting:
     fix it. A custom architecture is measured on first load (`profiles`: where measurements are kept)."""
     weight = custom.weight_file(weight_id, weights_dir)
     path = locate(weight_id, weights_dir)
+    version = custom.version_of(path) if path is not None else None  # before reading: a later change shows
     if weight is None or path is None:
         raise ModelUnavailable(f"the weights for {weight_id} are not in {weights_dir}: run "
                                f"{fetch_hint(weight_id, weights_dir)}", code="WEIGHTS_MISSING")
     try:
-        descriptor = spandrel.ModelLoader(device="cpu").load_from_file(path)
+        descriptor = load_descriptor(path)
     except Exception as error:  # a truncated or foreign file fails in many ways; each means the same
         raise _corrupt(weight_id, weights_dir, path, str(error)) from error
     found = (descriptor.architecture.id, descriptor.scale)
@@ -170,17 +179,19 @@ def load_model(weight_id: str, weights_dir: Path, device: torch.device, setting:
     channels = (descriptor.input_channels, descriptor.output_channels)
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or channels not in ((3, 3), (1, 1)):
         raise _corrupt(weight_id, weights_dir, path, "it is not an RGB or 1-channel image-to-image network")
-    execution = execution_for(found[0], device, setting, descriptor)
+    execution = execution_for(found[0], device, setting, Traits.of(descriptor))
     descriptor.to(device, execution.dtype).eval()
     if execution.channels_last:
         descriptor.model.to(memory_format=torch.channels_last)
-    profile = (profiles or _MEASURED).profile(descriptor, device, execution.dtype, rate(device, execution.dtype))
+    profile = (profiles or _MEASURED).profile(descriptor, device, execution.dtype, rate(device, execution.dtype),
+                                              channels_last=execution.channels_last, built_in=weight_id in MANIFEST)
     spec = profile.tiling
     params = sum(p.numel() for p in descriptor.model.parameters())
     nbytes = sum(t.numel() * t.element_size() for t in (*descriptor.model.parameters(), *descriptor.model.buffers()))
     tile, batch = choose_tiling(profile, spec, execution.dtype, device, free_memory(device))
+    source = None if weight_id in MANIFEST else (path, version)
     return LoadedModel(weight_id, descriptor, device, execution, weight.scale, weight.network_scale, profile, spec,
-                       params, nbytes, tile, batch)
+                       params, nbytes, tile, batch, source=source)
 
 
 def _corrupt(weight_id: str, weights_dir: Path, path: Path, why: str) -> ModelUnavailable:
@@ -227,7 +238,7 @@ class ModelCache:
     def get(self, weight_id: str) -> LoadedModel:
         with self._lock:
             model = self._models.get(weight_id)
-            if model is not None:
+            if model is not None and not model.stale:
                 self._models.move_to_end(weight_id)
                 return model
             started = time.monotonic()
@@ -241,7 +252,8 @@ class ModelCache:
 
     def peek(self, weight_id: str) -> LoadedModel | None:
         with self._lock:
-            return self._models.get(weight_id)
+            model = self._models.get(weight_id)
+        return model if model is not None and not model.stale else None
 
     def __len__(self) -> int:
         with self._lock:

@@ -2,10 +2,10 @@
 
 A profile is derived, not written by hand. From spandrel's descriptor come the size requirements,
 fp16/bf16 support and how the architecture tiles (`SUPPORTED`, `DISCOURAGED`, `INTERNAL`: the last
-runs untiled). What a descriptor can't say is measured once per architecture, device kind and dtype,
+runs untiled). What a descriptor can't say is measured once per network configuration, device kind and dtype,
 on a small window, and kept (in memory, and in `profiles.json` under the data dir): the peak
 activation memory per input pixel, and the compute per parameter·pixel against the rate the time
-estimates use. `KNOWN` seeds that cache with past measurements of the built-in networks, and
+estimates use. `KNOWN` holds past measurements of the built-in networks, and
 `OVERRIDES` holds only what no measurement can see: how much context a tile needs for no seam to
 show, AuraSR's noise and native grid.
 """
@@ -15,6 +15,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import statistics
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +46,23 @@ class ArchProfile:
     stochastic: bool = False  # samples noise in its forward pass: seeded per request, never compiled
     untiled: bool = False  # spandrel says it tiles internally (ModelTiling.INTERNAL): always one full frame
     fewest_tiles: bool = False  # spandrel discourages tiling it: the fewest tiles memory allows, on a GPU too
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What spandrel's descriptor says of one network, kept for planning before it is loaded."""
+
+    multiple_of: int
+    minimum: int
+    tiling: ModelTiling
+    half: bool
+    bfloat16: bool
+
+    @classmethod
+    def of(cls, descriptor: spandrel.ModelDescriptor) -> Traits:
+        requirements = descriptor.size_requirements
+        return cls(requirements.multiple_of, requirements.minimum, descriptor.tiling, descriptor.supports_half,
+                   descriptor.supports_bfloat16)
 
 
 @dataclass(frozen=True)
@@ -89,35 +109,33 @@ KNOWN: dict[str, Measured] = {
 }
 
 
-def capabilities_of(architecture: str, descriptor: spandrel.ModelDescriptor | None) -> Capabilities:
+def capabilities_of(architecture: str, traits: Traits | None) -> Capabilities:
     """The precisions and layout an architecture runs in: its override, narrowed by what spandrel says it supports."""
     override = OVERRIDES.get(architecture, Override())
     capabilities = override.capabilities or Capabilities()
-    if descriptor is not None:
-        capabilities = dataclasses.replace(capabilities, half=capabilities.half and descriptor.supports_half,
-                                           bfloat16=capabilities.bfloat16 and descriptor.supports_bfloat16)
+    if traits is not None:
+        capabilities = dataclasses.replace(capabilities, half=capabilities.half and traits.half,
+                                           bfloat16=capabilities.bfloat16 and traits.bfloat16)
     return capabilities
 
 
-def profile_of(architecture: str, measured: Measured | None = None,
-               descriptor: spandrel.ModelDescriptor | None = None) -> ArchProfile:
+def profile_of(architecture: str, measured: Measured | None = None, traits: Traits | None = None) -> ArchProfile:
     """The profile from the facts at hand; before any measurement, a conservative guess."""
     override = OVERRIDES.get(architecture, Override())
     facts = measured or KNOWN.get(architecture) or Measured(8000, 4.0)
     tiling = override.tiling or DEFAULT_TILING
-    if descriptor is not None:
-        requirements = descriptor.size_requirements
-        tiling = dataclasses.replace(tiling, multiple_of=requirements.multiple_of, minimum=requirements.minimum)
+    if traits is not None:
+        tiling = dataclasses.replace(tiling, multiple_of=traits.multiple_of, minimum=traits.minimum)
     return ArchProfile(
         activations=facts.activations,
         tiling=tiling,
-        capabilities=capabilities_of(architecture, descriptor),
+        capabilities=capabilities_of(architecture, traits),
         work=facts.work,
         max_batch=override.max_batch,
         saturating_pixels=override.saturating_pixels,
         stochastic=override.stochastic,
-        untiled=descriptor is not None and descriptor.tiling == ModelTiling.INTERNAL,
-        fewest_tiles=descriptor is not None and descriptor.tiling == ModelTiling.DISCOURAGED,
+        untiled=traits is not None and traits.tiling == ModelTiling.INTERNAL,
+        fewest_tiles=traits is not None and traits.tiling == ModelTiling.DISCOURAGED,
     )
 
 
@@ -131,39 +149,63 @@ class ProfileStore:
         if path is not None and path.is_file():
             try:
                 self._measured = {key: Measured(**value) for key, value in json.loads(path.read_text()).items()}
-            except (ValueError, TypeError):
-                log.warning("ignoring an unreadable %s; architectures will be measured again", path)
+            except (OSError, ValueError, TypeError, AttributeError):
+                log.warning("ignoring an unreadable %s; networks will be measured again", path)
 
-    def profile(self, descriptor: spandrel.ImageModelDescriptor, device: torch.device,
-                dtype: torch.dtype, rate: float) -> ArchProfile:
-        """The profile of a loaded network, measured on first sight of its architecture on this device kind.
+    def profile(self, descriptor: spandrel.ImageModelDescriptor, device: torch.device, dtype: torch.dtype,
+                rate: float, *, channels_last: bool, built_in: bool) -> ArchProfile:
+        """The profile of a loaded network: a built-in weight's from `KNOWN`; any other measured on first sight of
+        its configuration (architecture, scale, size) on this device kind and dtype, since a wider or deeper
+        network of the same architecture needs more memory a pixel.
 
         `rate`: parameter·pixels a second that the time estimates assume here, for work = 1.
         """
         architecture = descriptor.architecture.id
-        if architecture in KNOWN:
-            return profile_of(architecture, KNOWN[architecture], descriptor)
-        key = f"{architecture}/{device.type}/{str(dtype).removeprefix('torch.')}"
+        traits = Traits.of(descriptor)
+        if built_in and architecture in KNOWN:
+            return profile_of(architecture, KNOWN[architecture], traits)
+        params = sum(p.numel() for p in descriptor.model.parameters())
+        key = self.key(architecture, descriptor.scale, params, device, dtype)
         with self._lock:
             measured = self._measured.get(key)
             if measured is None:
-                measured = self._measured[key] = measure(descriptor, device, dtype, rate)
+                try:
+                    measured = measure(descriptor, device, dtype, rate, channels_last)
+                except Exception:  # an op this dtype lacks, say: the request will tell; plan with the guess
+                    log.exception("could not measure %s on %s; planning with a guess", architecture, device.type)
+                    return profile_of(architecture, None, traits)
+                self._measured[key] = measured
                 log.info("measured %s on %s: %d activation elements per pixel, work %.2f", architecture,
                          device.type, measured.activations, measured.work)
                 self._save()
-        return profile_of(architecture, measured, descriptor)
+        return profile_of(architecture, measured, traits)
+
+    def lookup(self, architecture: str, scale: int, params: int, device: torch.device,
+               dtype: torch.dtype) -> Measured | None:
+        """A measurement made already, for planning before the network is loaded."""
+        with self._lock:
+            return self._measured.get(self.key(architecture, scale, params, device, dtype))
+
+    @staticmethod
+    def key(architecture: str, scale: int, params: int, device: torch.device, dtype: torch.dtype) -> str:
+        return f"{architecture}/x{scale}/{params}/{device.type}/{str(dtype).removeprefix('torch.')}"
 
     def _save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".partial")
-        temporary.write_text(json.dumps({key: dataclasses.asdict(value) for key, value in self._measured.items()},
-                                        indent=1))
-        temporary.replace(self.path)
+        text = json.dumps({key: dataclasses.asdict(value) for key, value in self._measured.items()}, indent=1)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(dir=self.path.parent, prefix=".profiles-", suffix=".json")
+            with os.fdopen(handle, "w") as out:
+                out.write(text)
+            os.replace(name, self.path)
+        except OSError as error:  # measured again after a restart, nothing worse
+            log.warning("could not keep the measurements in %s: %s", self.path, error)
 
 
-_PROBE_SIDE = 48
+_PROBE_SIDE = 64
+_TIMED_RUNS = 3
 
 
 def probe_side(descriptor: spandrel.ImageModelDescriptor) -> int:
@@ -174,22 +216,26 @@ def probe_side(descriptor: spandrel.ImageModelDescriptor) -> int:
 
 
 def measure(descriptor: spandrel.ImageModelDescriptor, device: torch.device, dtype: torch.dtype,
-            rate: float) -> Measured:
+            rate: float, channels_last: bool = False) -> Measured:
     """Peak activation memory and the time of one forward pass over a small window, on the loaded network."""
     side = probe_side(descriptor)
     sample = torch.rand(1, descriptor.input_channels, side, side, device=device).to(dtype)
+    if channels_last:
+        sample = sample.contiguous(memory_format=torch.channels_last)  # as the executor feeds it
     params = sum(p.numel() for p in descriptor.model.parameters())
     with torch.inference_mode():
         descriptor.model(sample)  # warm-up: first-call allocations and kernel selection
         peak = _peak_bytes(lambda: descriptor.model(sample), device)
-        started = time.perf_counter()
-        descriptor.model(sample)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
+        times = []
+        for _ in range(_TIMED_RUNS):
+            started = time.perf_counter()
+            descriptor.model(sample)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - started)
     activations = math.ceil(1.25 * peak / (dtype.itemsize * side * side))  # with the allocator's slack
-    work = seconds * rate / max(1, params * side * side)
-    return Measured(max(1, activations), max(0.05, work))
+    work = statistics.median(times) * rate / max(1, params * side * side)
+    return Measured(max(1, activations), min(50.0, max(0.05, work)))
 
 
 def _peak_bytes(forward: object, device: torch.device) -> int:

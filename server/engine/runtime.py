@@ -37,6 +37,7 @@ from server.engine.planning import JobPlan, ModelFacts, PictureFacts, plan_job
 from server.engine.precision import Execution
 from server.engine.profiles import ArchProfile, ProfileStore, profile_of
 from server.engine.tiling import TilingSpec
+from server.engine.weights import MANIFEST
 from server.errors import ModelUnavailable
 from server.imaging import Picture
 
@@ -72,7 +73,7 @@ class LocalEngine:
         self._background: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._background_thread: threading.Thread | None = None
         on_load = self._queue_compile if self._compiling else None
-        profiles = ProfileStore(settings.data_dir / "profiles.json")
+        self.profiles = profiles = ProfileStore(settings.data_dir / "profiles.json")
         self.workers = [
             DeviceWorker(device, ModelCache(device, settings.weights_dir, cache_budget(device, settings.vram_budget),
                                             settings.precision, on_load, profiles), settings.queue_budget_s)
@@ -140,8 +141,11 @@ class LocalEngine:
         worker = self.workers[0]
         weight_id = entry.local.weights[entry.local.native_scales[-1]]
         loaded = worker.cache.peek(weight_id)
-        return loaded.execution if loaded is not None else execution_for(self._architecture(weight_id),
-                                                                          worker.device, self.settings.precision)
+        if loaded is not None:
+            return loaded.execution
+        inspected = self._inspected(weight_id)
+        return execution_for(self._architecture(weight_id), worker.device, self.settings.precision,
+                             inspected.traits if inspected is not None else None)
 
     def reserve(self, entry: ModelEntry, picture: PictureFacts, target: tuple[int, int], n: int = 1) -> Reservation:
         """A place for this job on the device with the least work reserved, from the picture's header, before it is
@@ -246,18 +250,33 @@ class LocalEngine:
             return ModelFacts(weight_id, model.profile, self._spec(model.spec), model.execution, model.params,
                               model.nbytes, model.tile, model.batch,
                               model.compiled.backend if model.compiled is not None else "torch")
-        architecture = self._architecture(weight_id)
-        profile = profile_of(architecture)
         device = worker.device
-        execution = execution_for(architecture, device, self.settings.precision)
+        inspected = self._inspected(weight_id)
+        if inspected is None:  # a built-in weight: its manifest entry and its file's header
+            architecture = MANIFEST[weight_id].architecture
+            execution = execution_for(architecture, device, self.settings.precision)
+            profile = profile_of(architecture)
+            params = parameter_count(weight_id, self.settings.weights_dir) or 0
+        else:  # a custom file: what its inspection found, and any measurement of its network kept from before
+            architecture, params = inspected.architecture or "?", inspected.params
+            execution = execution_for(architecture, device, self.settings.precision, inspected.traits)
+            measured = self.profiles.lookup(architecture, inspected.scale, params, device, execution.dtype)
+            profile = profile_of(architecture, measured, inspected.traits)
         tile, batch = choose_tiling(profile, profile.tiling, execution.dtype, device, free_memory(device))
-        params = parameter_count(weight_id, self.settings.weights_dir) or 0
         return ModelFacts(weight_id, profile, self._spec(profile.tiling), execution, params,
                           params * execution.dtype.itemsize, tile, batch, "torch")
 
+    def _inspected(self, weight_id: str) -> custom.CustomModel | None:
+        """A custom weight's inspection; None for a built-in one."""
+        if weight_id in MANIFEST:
+            return None
+        return custom.find(self.settings.weights_dir, weight_id.removeprefix(custom.PREFIX))
+
     def _architecture(self, weight_id: str) -> str:
-        weight = custom.weight_file(weight_id, self.settings.weights_dir)
-        return weight.architecture if weight is not None else "?"
+        if weight_id in MANIFEST:
+            return MANIFEST[weight_id].architecture
+        inspected = self._inspected(weight_id)
+        return (inspected.architecture or "?") if inspected is not None else "?"
 
     def _spec(self, spec: TilingSpec) -> TilingSpec:
         """The tiling as configured: LOUPE_AURA_OVERLAP turns a grid's shifted second pass on or off."""
@@ -265,7 +284,8 @@ class LocalEngine:
 
     def _queue_compile(self, model: LoadedModel) -> None:
         # Without start() (the CLI) everything stays eager; a compiled AuraSR would draw its own noise.
-        if self._background_thread is not None and model.descriptor.input_channels == 3 \
+        # Only the built-in networks: a converted or compiled custom architecture may fail on shapes eager takes.
+        if self._background_thread is not None and model.weight_id in MANIFEST \
                 and self._compiles(model.device, model.execution, model.profile):
             self._background.put(functools.partial(self._compile, model))
 

@@ -25,6 +25,7 @@ import httpx
 import spandrel
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file
 
 from server.engine import ncnn
@@ -223,6 +224,23 @@ def list_weights(weights_dir: Path, *, manifest: Mapping[str, WeightFile] = MANI
     return [weight_status(weight_id, weights_dir, manifest=manifest) for weight_id in manifest]
 
 
+def load_descriptor(path: Path) -> spandrel.ModelDescriptor:
+    """A model file through spandrel, on the CPU, a pickle only through torch's `weights_only` unpickler.
+
+    spandrel's own `load_from_file` passes its restricted unpickler to torch.load, which turns `weights_only`
+    off, and then torch runs a TorchScript archive's code; it also loads `.pt` with torch.jit. Here a file that
+    holds anything but tensors and plain containers is refused, and nothing in it runs.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        state = load_safetensors(str(path), device="cpu")
+    elif suffix in (".pth", ".pt", ".ckpt"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"unsupported model file extension {suffix}")
+    return spandrel.ModelLoader(device="cpu").load_from_state_dict(spandrel.canonicalize_state_dict(state))
+
+
 def _check_model(descriptor: spandrel.ModelDescriptor, weight: WeightFile, what: str) -> None:
     found = (descriptor.architecture.id, descriptor.scale)
     if found != (weight.architecture, weight.network_scale):
@@ -235,7 +253,7 @@ def _check_model(descriptor: spandrel.ModelDescriptor, weight: WeightFile, what:
 def verify_file(path: Path, weight: WeightFile) -> None:
     """Raise WeightsError unless spandrel loads `path` as the weight's architecture and network scale."""
     try:
-        descriptor = spandrel.ModelLoader(device="cpu").load_from_file(path)
+        descriptor = load_descriptor(path)
     except Exception as error:  # a corrupt or foreign file fails in many ways; each means "reject"
         raise WeightsError(f"{path.name} is not a loadable {weight.architecture} model: {error}") from error
     _check_model(descriptor, weight, path.name)

@@ -65,7 +65,7 @@ from server.engine.executor import run_tiled
 from server.engine.models import LoadedModel, compile_model, execution_for
 from server.engine.planning import JobPlan
 from server.engine.runtime import LocalEngine
-from server.engine.weights import find_weights
+from server.engine.weights import MANIFEST, find_weights
 
 SCALE = 4
 WEIGHTS_DIR = PROJECT_ROOT / "weights"
@@ -301,7 +301,7 @@ def _loupe_job(task: Task, engine: LocalEngine, picture: imaging.Picture) -> tup
 
 def _prepare_raw(task: Task, pixels: np.ndarray, device: torch.device) -> Prepared:
     model = MODELS[task.model]
-    execution = execution_for(model.weight_id, device, "auto")
+    execution = execution_for(MANIFEST[model.weight_id].architecture, device, "auto")
     network = _load_network(model, device, execution.dtype)
     layout = torch.channels_last if execution.channels_last else torch.contiguous_format
     network = network.to(memory_format=layout)

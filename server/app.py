@@ -88,7 +88,8 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     async def readyz(request: Request) -> JSONResponse:
         services: Services = request.app.state.services
         reasons = {e.id: services.engine.unavailable_reason(e) for e in catalog.MODELS if e.local is not None}
-        reasons.update({m.id: m.reason for m in await asyncio.to_thread(services.engine.custom_models)})
+        custom = await asyncio.to_thread(services.engine.custom_models)
+        reasons.update({m.id: m.reason for m in custom if m.id not in reasons})
         draining = request.app.state.admission.draining  # after SIGTERM every /v1 request gets a 503
         ready = any(reason is None for reason in reasons.values()) and not draining
         status = "draining" if draining else "ready" if ready else "not ready"

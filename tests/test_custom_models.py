@@ -275,3 +275,13 @@ def test_a_file_dropped_in_or_removed_shows_without_a_restart(tmp_path: Path) ->
         assert "hot" not in {card.id for card in sdk(url).models.list()}
         with pytest.raises(openai.NotFoundError):
             upscale(url, "hot", image, 2)
+
+
+def test_a_whole_pickled_module_is_refused_with_what_it_holds(tmp_path: Path) -> None:
+    from server.engine import custom
+
+    weights = tmp_path / "weights"
+    (weights / "custom").mkdir(parents=True)
+    torch.save(NETWORKS["compact-1x"](), weights / "custom" / "module.pth")  # the class, not only its tensors
+    (found,) = custom.scan(weights, set())
+    assert found.reason is not None and "holds more than tensors" in found.reason and "Compact" in found.reason

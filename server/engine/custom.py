@@ -93,9 +93,13 @@ def scan(weights_dir: Path, reserved: set[str]) -> list[CustomModel]:
     return models
 
 
-def find(weights_dir: Path, name: str) -> CustomModel | None:
-    """The custom model `name`, runnable or not; None when no file is it."""
-    return _resolve(name, _files(weights_dir, name).get(name, []))
+def find(weights_dir: Path, name: str, *, inspect_now: bool = True) -> CustomModel | None:
+    """The custom model `name`, runnable or not; None when no file is it.
+
+    `inspect_now=False` (the event loop's callers) never loads a file: a version not inspected yet is answered
+    as such, and inspected by the next listing or request, which look models up in a thread.
+    """
+    return _resolve(name, _files(weights_dir, name).get(name, []), inspect_now)
 
 
 def _files(weights_dir: Path, only: str | None = None) -> dict[str, list[Path]]:
@@ -111,7 +115,7 @@ def _files(weights_dir: Path, only: str | None = None) -> dict[str, list[Path]]:
     return named
 
 
-def _resolve(name: str, paths: list[Path]) -> CustomModel | None:
+def _resolve(name: str, paths: list[Path], inspect_now: bool = True) -> CustomModel | None:
     """The one model these files (all named `name`) make: the same answer for the listing and for a request."""
     if not paths:
         return None
@@ -119,10 +123,10 @@ def _resolve(name: str, paths: list[Path]) -> CustomModel | None:
         return CustomModel(name, paths[0], "a model id takes letters, digits and . _ + - only: rename the file")
     if len(paths) > 1:
         return CustomModel(name, paths[0], f"{len(paths)} files are the model {name}: keep one")
-    return inspected(paths[0], name)
+    return inspected(paths[0], name, inspect_now)
 
 
-def inspected(path: Path, name: str) -> CustomModel | None:
+def inspected(path: Path, name: str, inspect_now: bool = True) -> CustomModel | None:
     """The file's inspection, made once per version of it; None if the file is gone.
 
     A known version is answered without the lock, so that the event loop never waits on another inspection.
@@ -133,6 +137,8 @@ def inspected(path: Path, name: str) -> CustomModel | None:
     cached = _inspected.get(path)
     if cached is not None and cached.version == version and cached.id == name:
         return cached
+    if not inspect_now:
+        return CustomModel(name, path, f"{path.name} changed and hasn't been read again yet: retry in a moment")
     with _lock:
         cached = _inspected.get(path)
         if cached is None or cached.version != version or cached.id != name:

@@ -168,15 +168,16 @@ class ProfileStore:
         key = self.key(architecture, descriptor.scale, params, device, dtype)
         with self._lock:
             measured = self._measured.get(key)
-            if measured is None:
-                try:
-                    measured = measure(descriptor, device, dtype, rate, channels_last)
-                except Exception:  # an op this dtype lacks, say: the request will tell; plan with the guess
-                    log.exception("could not measure %s on %s; planning with a guess", architecture, device.type)
-                    return profile_of(architecture, None, traits)
-                self._measured[key] = measured
-                log.info("measured %s on %s: %d activation elements per pixel, work %.2f", architecture,
-                         device.type, measured.activations, measured.work)
+        if measured is None:  # measured outside the lock: planning on other devices never waits for it
+            try:
+                measured = measure(descriptor, device, dtype, rate, channels_last)
+            except Exception:  # an op this dtype lacks, say: the request will tell; plan with the guess
+                log.exception("could not measure %s on %s; planning with a guess", architecture, device.type)
+                return profile_of(architecture, None, traits)
+            log.info("measured %s on %s: %d activation elements per pixel, work %.2f", architecture, device.type,
+                     measured.activations, measured.work)
+            with self._lock:
+                measured = self._measured.setdefault(key, measured)
                 self._save()
         return profile_of(architecture, measured, traits)
 

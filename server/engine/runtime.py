@@ -112,7 +112,7 @@ class LocalEngine:
             return f"{entry.id} has no local weights"
         weights_dir = self.settings.weights_dir
         if entry.owned_by == "custom":
-            found = custom.find(weights_dir, entry.id)
+            found = custom.find(weights_dir, entry.id, inspect_now=False)  # `find` made it, in a thread
             if found is None:
                 return f"the file of the custom model {entry.id} is gone from {weights_dir / custom.FOLDER}"
             return found.reason
@@ -231,11 +231,13 @@ class LocalEngine:
         # A varying alpha runs every pass twice (over black, then over white); the input size tells the pass.
         passes = {(p.input_size, p.scale): p for p in plan.passes}
         scales = [p.scale for p in plan.passes]
+        # Each network once for the whole job: a custom file replaced meanwhile waits for the next job.
+        models = {p.weight_id: worker.cache.get(p.weight_id) for p in plan.passes}
 
         def image(image_seed: int) -> Picture:
             def run_rgb(pixels: np.ndarray, scale: int) -> np.ndarray:
                 step = passes[(pixels.shape[1], pixels.shape[0]), scale]
-                model = worker.cache.get(step.weight_id)
+                model = models[step.weight_id]
                 return run_tiled(pixels, model, plan=step.tiles, batch=step.batch, cancel=cancel,
                                  progress=tally.next_run(), counters=worker.counters, seed=image_seed)
 
@@ -252,12 +254,15 @@ class LocalEngine:
                               model.compiled.backend if model.compiled is not None else "torch")
         device = worker.device
         inspected = self._inspected(weight_id)
-        if inspected is None:  # a built-in weight: its manifest entry and its file's header
+        if weight_id in MANIFEST:  # a built-in weight: its manifest entry and its file's header
             architecture = MANIFEST[weight_id].architecture
             execution = execution_for(architecture, device, self.settings.precision)
             profile = profile_of(architecture)
             params = parameter_count(weight_id, self.settings.weights_dir) or 0
         else:  # a custom file: what its inspection found, and any measurement of its network kept from before
+            if inspected is None or inspected.reason is not None:
+                raise ModelUnavailable(f"the custom model {weight_id.removeprefix(custom.PREFIX)} can't run now: "
+                                       f"{inspected.reason if inspected is not None else 'its file is gone'}")
             architecture, params = inspected.architecture or "?", inspected.params
             execution = execution_for(architecture, device, self.settings.precision, inspected.traits)
             measured = self.profiles.lookup(architecture, inspected.scale, params, device, execution.dtype)
@@ -270,7 +275,7 @@ class LocalEngine:
         """A custom weight's inspection; None for a built-in one."""
         if weight_id in MANIFEST:
             return None
-        return custom.find(self.settings.weights_dir, weight_id.removeprefix(custom.PREFIX))
+        return custom.find(self.settings.weights_dir, weight_id.removeprefix(custom.PREFIX), inspect_now=False)
 
     def _architecture(self, weight_id: str) -> str:
         if weight_id in MANIFEST:

@@ -12,6 +12,8 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -235,7 +237,12 @@ def load_descriptor(path: Path) -> spandrel.ModelDescriptor:
     if suffix == ".safetensors":
         state = load_safetensors(str(path), device="cpu")
     elif suffix in (".pth", ".pt", ".ckpt"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            what = f" ({unsupported.group(1)})" if unsupported else ""
+            raise ValueError(f"it holds more than tensors{what}: refused, nothing in it ran") from None
     else:
         raise ValueError(f"unsupported model file extension {suffix}")
     return spandrel.ModelLoader(device="cpu").load_from_state_dict(spandrel.canonicalize_state_dict(state))

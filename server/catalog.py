@@ -301,6 +301,7 @@ MODELS: tuple[ModelEntry, ...] = (
 )
 
 _BY_NAME: dict[str, ModelEntry] = {name: entry for entry in MODELS for name in (entry.id, *entry.aliases)}
+NAMES = frozenset(_BY_NAME)  # every id and alias: taken, for custom model files
 
 
 def find(name: str) -> ModelEntry | None:

@@ -17,6 +17,8 @@ class LoupeError(Exception):
         self.message = message
         self.param = param
         self.code = code or type(self).code
+        self.transient = False  # whether the same request may succeed later (where the HTTP table asks)
+        self.retry_after_s: float | None = None
 
 
 class InvalidInput(LoupeError):

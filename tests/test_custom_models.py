@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -224,8 +225,6 @@ def test_a_torchscript_archive_is_refused_unrun(tmp_path: Path, suffix: str) -> 
 
 
 def _env(weights: Path, tmp_path: Path) -> dict[str, str]:
-    import os
-
     return {**os.environ, "LOUPE_WEIGHTS_DIR": str(weights), "LOUPE_DATA_DIR": str(tmp_path / "data"),
             "LOUPE_DEVICE": "cpu"}
 

@@ -77,7 +77,7 @@ def status_of(error: LoupeError) -> int:
 
 def retryable(error: LoupeError) -> bool:
     shape = http_shape(error)
-    return shape.retryable if shape.retryable is not None else bool(getattr(error, "transient"))
+    return shape.retryable if shape.retryable is not None else error.transient
 
 
 def error_type(error: LoupeError, status: int) -> str:
@@ -92,7 +92,7 @@ def error_response(error: LoupeError, request_id: str | None = None) -> JSONResp
     worth_retrying = retryable(error)
     if not worth_retrying:
         headers["x-should-retry"] = "false"
-    retry_after = getattr(error, "retry_after_s", None) if worth_retrying else None
+    retry_after = error.retry_after_s if worth_retrying else None
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     if isinstance(error, ShuttingDown):

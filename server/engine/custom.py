@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 import spandrel
 import torch
 
-from server.catalog import MODELS, LocalSpec, ModelEntry
+from server.catalog import NAMES, LocalSpec, ModelEntry
 from server.engine.profiles import Traits, probe_side
 from server.engine.weights import MANIFEST, WeightFile, WeightsError, WeightStatus, copied, downloaded, load_descriptor
 
@@ -74,7 +75,7 @@ def version_of(path: Path) -> Version | None:
     return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_dev
 
 
-def scan(weights_dir: Path, reserved: set[str]) -> list[CustomModel]:
+def scan(weights_dir: Path, reserved: AbstractSet[str]) -> list[CustomModel]:
     """Every custom model file there now, in name order; `reserved`: the catalog's ids and aliases."""
     files = _files(weights_dir)
     with _lock:  # forget the files that are gone
@@ -200,7 +201,7 @@ def add(source: str, weights_dir: Path, name: str | None = None) -> CustomModel:
     name = name or Path(file_name).stem
     if not _NAME.fullmatch(name):
         raise WeightsError(f"{name!r}: a model id takes letters, digits and . _ + - only; pick one with --name")
-    if name in {n for entry in MODELS for n in (entry.id, *entry.aliases)}:
+    if name in NAMES:
         raise WeightsError(f"the id {name} is taken by a built-in model; pick another with --name")
     folder = weights_dir / FOLDER
     if any((folder / (name + s)).exists() for s in SUFFIXES):

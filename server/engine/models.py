@@ -163,7 +163,7 @@ def load_model(weight_id: str, weights_dir: Path, device: torch.device, setting:
     """Load a manifest weight or a custom file onto `device`; a missing or broken file is a 503 that says how to
     fix it. A custom architecture is measured on first load (`profiles`: where measurements are kept)."""
     weight = custom.weight_file(weight_id, weights_dir)
-    path = locate(weight_id, weights_dir)
+    path = find_weights(weight_id, weights_dir, manifest={weight_id: weight}) if weight is not None else None
     version = custom.version_of(path) if path is not None else None  # before reading: a later change shows
     if weight is None or path is None:
         raise ModelUnavailable(f"the weights for {weight_id} are not in {weights_dir}: run "

@@ -96,7 +96,7 @@ class LocalEngine:
         weight_ids = sorted({w for entry in MODELS if entry.local is not None for w in entry.local.weights.values()})
         for worker in self.workers:
             for weight_id in weight_ids:
-                architecture = self._architecture(weight_id)
+                architecture = MANIFEST[weight_id].architecture
                 if not self._compiles(worker.device, execution_for(architecture, worker.device,
                                                                    self.settings.precision), profile_of(architecture)):
                     continue
@@ -124,8 +124,7 @@ class LocalEngine:
 
     def custom_models(self) -> list[custom.CustomModel]:
         """The files in the custom folder now, runnable or not (each with its reason)."""
-        reserved = {name for entry in MODELS for name in (entry.id, *entry.aliases)}
-        return custom.scan(self.settings.weights_dir, reserved)
+        return custom.scan(self.settings.weights_dir, catalog.NAMES)
 
     def find(self, name: str) -> ModelEntry | None:
         """A catalog model by id or alias, else a custom model of that name (runnable or not)."""
@@ -143,8 +142,11 @@ class LocalEngine:
         loaded = worker.cache.peek(weight_id)
         if loaded is not None:
             return loaded.execution
+        if weight_id in MANIFEST:
+            return execution_for(MANIFEST[weight_id].architecture, worker.device, self.settings.precision)
         inspected = self._inspected(weight_id)
-        return execution_for(self._architecture(weight_id), worker.device, self.settings.precision,
+        architecture = (inspected.architecture or "?") if inspected is not None else "?"
+        return execution_for(architecture, worker.device, self.settings.precision,
                              inspected.traits if inspected is not None else None)
 
     def reserve(self, entry: ModelEntry, picture: PictureFacts, target: tuple[int, int], n: int = 1) -> Reservation:
@@ -276,12 +278,6 @@ class LocalEngine:
         if weight_id in MANIFEST:
             return None
         return custom.find(self.settings.weights_dir, weight_id.removeprefix(custom.PREFIX), inspect_now=False)
-
-    def _architecture(self, weight_id: str) -> str:
-        if weight_id in MANIFEST:
-            return MANIFEST[weight_id].architecture
-        inspected = self._inspected(weight_id)
-        return (inspected.architecture or "?") if inspected is not None else "?"
 
     def _spec(self, spec: TilingSpec) -> TilingSpec:
         """The tiling as configured: LOUPE_AURA_OVERLAP turns a grid's shifted second pass on or off."""

@@ -308,31 +308,32 @@ def downloaded(url: str, target: Path, progress: Progress | None) -> Iterator[tu
     The temporary file keeps `target`'s suffix (spandrel picks its loader by it) and is gone
     afterwards unless the caller moved it into place.
     """
-    created = not target.parent.exists()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = _temporary_next_to(target)
-    try:
+    with _beside(target) as part:
         with part.open("wb") as out:
             digest = _stream(url, out, progress)
         yield part, digest
-    finally:
-        part.unlink(missing_ok=True)
-        if created and not any(target.parent.iterdir()):
-            target.parent.rmdir()  # a failed first download leaves no empty folder behind
 
 
 @contextmanager
 def copied(source: Path, target: Path) -> Iterator[tuple[Path, str]]:
     """`downloaded` for a local file: a temporary copy next to `target`, gone afterwards unless moved into place."""
-    created = not target.parent.exists()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = _temporary_next_to(target)
-    try:
+    with _beside(target) as part:
         try:
             shutil.copyfile(source, part)
         except OSError as error:
             raise WeightsError(f"can't read {source}: {error.strerror or error}") from error
         yield part, ""
+
+
+@contextmanager
+def _beside(target: Path) -> Iterator[Path]:
+    """A new empty temporary file next to `target`, removed afterwards unless moved into place; a failed first
+    file leaves no empty folder behind."""
+    created = not target.parent.exists()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = _temporary_next_to(target)
+    try:
+        yield part
     finally:
         part.unlink(missing_ok=True)
         if created and not any(target.parent.iterdir()):

@@ -2,18 +2,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
+import signal
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from server.config import Settings, SettingsError
 from server.engine.weights import WeightsError, WeightStatus
 from server.errors import LoupeError
-from server.jobs import EXTENSIONS
+from server.jobs import parse_size
 
-_FORMATS = {**{f".{extension}": fmt for fmt, extension in EXTENSIONS.items()}, ".jpeg": "jpeg"}
+if TYPE_CHECKING:  # the engine's modules load torch: only the commands that run it import them
+    from server.batch import Batch, Record, Summary
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -26,9 +34,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _upscale(args: argparse.Namespace, settings: Settings) -> int:
-    from tqdm import tqdm
-
-    from server import catalog, imaging
+    from server import batch, catalog, folders
     from server.engine.runtime import LocalEngine
 
     engine = LocalEngine(settings)
@@ -38,27 +44,92 @@ def _upscale(args: argparse.Namespace, settings: Settings) -> int:
                           [m.id for m in engine.custom_models() if m.reason is None])
         print(f"loupe: {args.model!r} is not a local model; local models: {local}", file=sys.stderr)
         return 2
+    fmt = "jpeg" if args.format == "jpg" else args.format
     output: Path = args.output
-    fmt = _FORMATS.get(output.suffix.lower())
-    if fmt is None:
-        print(f"loupe: can't tell the format from {output.name!r}; use one of {', '.join(_FORMATS)}", file=sys.stderr)
+    single = len(args.inputs) == 1 and Path(args.inputs[0]).is_file() and bool(output.suffix) and not output.is_dir()
+    try:
+        if single:
+            items, collisions = [folders.single_file(Path(args.inputs[0]), output, fmt)], []
+        else:
+            items, collisions = folders.collect(args.inputs, output, fmt)
+    except folders.UsageError as error:
+        print(f"loupe: {error}", file=sys.stderr)
         return 2
-    picture = imaging.decode(args.input.read_bytes(), max_pixels=settings.max_input_pixels)
-    target = (max(1, round(picture.width * args.scale)), max(1, round(picture.height * args.scale)))
-    plan = engine.plan(entry, picture, target)
-    with tqdm(total=plan.tiles_per_image, unit="tile", disable=args.quiet,
-              desc=f"{entry.id} {picture.width}x{picture.height} → {target[0]}x{target[1]}") as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        (result,) = engine.upscale_sync(plan, picture, seed=args.seed, progress=progress)
-    output.write_bytes(imaging.encode(result, fmt, args.quality))
+    # One file named with its output is written whatever is there, and must be an image, as it always was.
+    options = batch.Options(entry, args.scale, args.size, args.quality, args.seed,
+                            overwrite=args.overwrite or single, skip_non_images=not single)
+    bar = _ProgressBar(len(items) + len(collisions), args.quiet)
+    work = batch.Batch(engine, settings, options, items, collisions, on_record=bar.record)
+    with _stopping_on_signals(work) as signalled:
+        report = work.run()
+    bar.close()
+    if args.report is not None:
+        batch.write_report(report, args.report)
+    summary = report.summary
     if not args.quiet:
-        print(f"wrote {output} ({result.width}x{result.height})")
-    return 0
+        print(_describe_summary(summary))
+    if signalled:
+        return 128 + signalled[-1]
+    return 1 if summary.failed else 0
+
+
+class _ProgressBar:
+    """Files done, images/s, ETA and failures; off with -q or when stderr is not a terminal."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="file", disable=True if quiet else None, dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} files [{elapsed}<{remaining}{postfix}]")
+        self.started = time.monotonic()
+        self.counts = {"upscaled": 0, "skipped": 0, "failed": 0, "interrupted": 0}
+
+    def record(self, record: Record) -> None:
+        self.counts[record.status] += 1
+        if record.status == "failed":
+            self.bar.write(f"loupe: failed: {record.path}: {record.reason}", file=sys.stderr)
+        rate = self.counts["upscaled"] / max(1e-9, time.monotonic() - self.started)
+        self.bar.set_postfix_str(f"{rate:.2f} images/s, {self.counts['failed']} failed, "
+                                 f"{self.counts['skipped']} skipped", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def _stopping_on_signals(work: Batch) -> Iterator[list[int]]:
+    """SIGINT or SIGTERM stops the batch cleanly; a second one discards the files in flight. Yields the signals
+    received."""
+    received: list[int] = []
+
+    def handle(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if work.stopped:
+            work.stop(discard_running=True)
+            print("loupe: discarding the files in flight", file=sys.stderr)
+        else:
+            work.stop()
+            print("loupe: stopping: no new files; finishing the ones on the device (again to discard them)",
+                  file=sys.stderr)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _describe_summary(summary: Summary) -> str:
+    text = (f"{summary.files} files: {summary.upscaled} upscaled, {summary.skipped} skipped, {summary.failed} failed, "
+            f"in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s)")
+    if summary.stopped:
+        text += f"; stopped, {summary.interrupted} not done (run it again to resume)"
+    return text
 
 
 def _weights(args: argparse.Namespace, settings: Settings) -> int:
@@ -112,14 +183,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (LOUPE_PORT, default 8000)")
     serve.set_defaults(run=_serve)
 
-    upscale = commands.add_parser("upscale", help="upscale one image file")
-    upscale.add_argument("input", type=Path)
-    upscale.add_argument("-o", "--output", type=Path, required=True, help="output file; its extension sets the format")
+    upscale = commands.add_parser(
+        "upscale", help="upscale image files, folders (recursively) and globs",
+        description="Upscale files, folders and globs into OUT, which mirrors the input tree. Existing outputs are "
+                    "skipped (so an interrupted run resumes), files that are not images are skipped, and a file "
+                    "that fails is reported while the rest go on. Exit status: 0 when every image was upscaled, "
+                    "1 when any failed, 2 for a usage error, 128 + the signal when stopped by Ctrl-C or SIGTERM.")
+    upscale.add_argument("inputs", nargs="+", metavar="INPUT", help="an image file, a folder or a glob")
+    upscale.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
+                         help="the output folder; for one input file, a file path whose extension sets the format")
     upscale.add_argument("--model", default="realesrgan-x4plus")
-    upscale.add_argument("--scale", type=float, default=4.0, help="any scale > 0; the output is round(w·s) x round(h·s)")
-    upscale.add_argument("--quality", type=int, help="0-100 for lossy formats; zlib effort for PNG")
+    target = upscale.add_mutually_exclusive_group()
+    target.add_argument("--scale", type=_scale, help="any scale > 0; the output is round(w·s) x round(h·s) "
+                                                     "(default: the model's, 4 for Real-ESRGAN)")
+    target.add_argument("--size", type=_size, metavar="WxH", help="the output size; it must keep each input's "
+                                                                   "aspect ratio, as over HTTP")
+    upscale.add_argument("--format", choices=["png", "jpeg", "jpg", "webp", "avif", "gif"],
+                         help="every output in this format (default: each file's own, PNG for what Loupe can't "
+                              "write)")
+    upscale.add_argument("--quality", type=_percent, help="0-100 for lossy formats; zlib effort for PNG")
     upscale.add_argument("--seed", type=int, help="noise seed for models that use noise (aura-sr)")
-    upscale.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    upscale.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    upscale.add_argument("--report", type=Path, metavar="FILE.json",
+                         help="write one record per file: path, status, reason, seconds, input and output size")
+    upscale.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     upscale.set_defaults(run=_upscale)
 
     weights = commands.add_parser("weights", help="list, download or import model weights")
@@ -137,11 +224,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _scale(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError("must be a finite number greater than 0")
+    return value
+
+
+def _size(text: str) -> tuple[int, int]:
+    size = parse_size(text)
+    if size is None or min(size) < 1:
+        raise argparse.ArgumentTypeError("must look like 2048x1536")
+    return size
+
+
+def _percent(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError("must be between 0 and 100")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "scale", 1.0) <= 0:
-        print("loupe: --scale must be greater than 0", file=sys.stderr)
-        return 2
     try:
         settings = Settings()
     except ValidationError as error:

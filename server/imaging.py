@@ -1,6 +1,7 @@
 """Image bytes in and out: header probe, decode, encode and exact-size resampling.
 
-Decoding keeps what a client would notice losing: EXIF orientation is applied, the ICC
+Decoding keeps what a client would notice losing: EXIF orientation is applied (and the rest
+of the EXIF kept, to be written back with the upright orientation and the new size), the ICC
 profile kept, grayscale stays grayscale, alpha stays alpha and 16-bit stays 16-bit (Pillow
 reads 16-bit colour PNG/TIFF as 8-bit, so those go through OpenCV). Anything wrong with the
 client's bytes becomes an `InvalidInput` on `image`, checked from the header before decoding.
@@ -46,6 +47,10 @@ DEFAULT_PNG_LEVEL = 3
 _WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _BLOCK_ITEMS = 1 << 22  # array elements per row block: keeps float32 temporaries around 16 MB
 _MAX_SIDE = {"jpeg": 65_500, "webp": 16_383, "gif": 65_535}
+_JPEG_MAX_EXIF = 65_533  # one APP1 segment; a larger block (from a PNG, say) is left out of a JPEG
+_EXIF_IFD = 0x8769
+_PIXEL_SIZE_TAGS = (0xA002, 0xA003)  # PixelXDimension, PixelYDimension, in the Exif IFD
+_EXIF_PREFIX = b"Exif\x00\x00"
 _OWN_FORMATS: dict[str, OutputFormat] = {"JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "AVIF": "avif"}
 _PIL_FORMATS = {"jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}
 # EXIF orientation -> (transpose, flip rows, flip columns) that brings the pixels upright.
@@ -67,6 +72,7 @@ class Picture:
 
     pixels: np.ndarray
     icc_profile: bytes | None = None
+    exif: bytes | None = None  # as Pillow writes it ("Exif\0\0" + TIFF), its orientation already applied
 
     def __post_init__(self) -> None:
         shape, dtype = self.pixels.shape, self.pixels.dtype
@@ -92,6 +98,10 @@ class Picture:
     @property
     def bit_depth(self) -> int:
         return 16 if self.pixels.dtype == np.uint16 else 8
+
+    def with_pixels(self, pixels: np.ndarray) -> Picture:
+        """The same picture's metadata on other pixels (resampled, upscaled)."""
+        return Picture(pixels, self.icc_profile, self.exif)
 
 
 @dataclass(frozen=True)
@@ -125,7 +135,8 @@ def decode(data: bytes, *, max_pixels: int) -> Picture:
                 "image",
                 code="IMAGE_TOO_LARGE",
             )
-        orientation = _orientation(image)
+        exif = _exif(image)
+        orientation = exif.get(ExifTags.Base.Orientation, 1) if exif is not None else 1
         icc = image.info.get("icc_profile") or None
         layout = _deep_colour_layout(data, image)
         if layout is None:
@@ -133,7 +144,8 @@ def decode(data: bytes, *, max_pixels: int) -> Picture:
         else:
             pixels = _pixels_from_opencv(data, gray=layout == "gray", size=(width, height))
     pixels = _upright(pixels, orientation)
-    return Picture(pixels, icc if icc is not None and _icc_fits(icc, pixels.shape[2]) else None)
+    return Picture(pixels, icc if icc is not None and _icc_fits(icc, pixels.shape[2]) else None,
+                   _upright_exif(exif) if exif else None)
 
 
 def encode(picture: Picture, fmt: OutputFormat, compression: int | None = None) -> bytes:
@@ -154,10 +166,13 @@ def encode(picture: Picture, fmt: OutputFormat, compression: int | None = None) 
     if fmt == "png":
         # 100 is level 8: zlib-ng's level 9 is no smaller than its 8, and sometimes larger.
         level = DEFAULT_PNG_LEVEL if compression is None else round(compression * 8 / 100)
-        return _encode_png(picture.pixels, level, picture.icc_profile)
+        return _encode_png(picture.pixels, level, picture.icc_profile, _sized_exif(picture))
     pixels = _storable(_to_8bit(picture.pixels), fmt)
     icc = picture.icc_profile
     options: dict[str, object] = {}
+    exif = _sized_exif(picture)
+    if exif is not None and fmt != "gif" and (fmt != "jpeg" or len(exif) <= _JPEG_MAX_EXIF):
+        options["exif"] = exif
     if fmt == "gif":
         image = _gif_image(pixels)
     else:
@@ -264,12 +279,43 @@ def _corrupt() -> InvalidInput:
 
 
 def _orientation(image: Image.Image) -> int:
+    exif = _exif(image)
+    value = exif.get(ExifTags.Base.Orientation, 1) if exif is not None else 1
+    return value if value in _ORIENTATIONS else 1
+
+
+def _exif(image: Image.Image) -> Image.Exif | None:
     if image.format == "PNG" and "exif" not in image.info:
         # PngImageFile.getexif() would decode every pixel to look for an eXIf chunk after
         # the image data; browsers ignore such late chunks, and so does Loupe.
-        return 1
-    value = image.getexif().get(ExifTags.Base.Orientation, 1)
-    return value if value in _ORIENTATIONS else 1
+        return None
+    return image.getexif()
+
+
+def _upright_exif(exif: Image.Exif) -> bytes | None:
+    """The EXIF block for pixels already turned upright; None when it can't be written back (it is only metadata)."""
+    try:
+        if ExifTags.Base.Orientation in exif:
+            exif[ExifTags.Base.Orientation] = 1
+        return exif.tobytes()
+    except Exception:  # a malformed block Pillow read but can't write
+        return None
+
+
+def _sized_exif(picture: Picture) -> bytes | None:
+    """The picture's EXIF with its pixel dimensions, where it states them, made the picture's."""
+    if picture.exif is None:
+        return None
+    try:
+        exif = Image.Exif()
+        exif.load(picture.exif)
+        details = exif.get_ifd(_EXIF_IFD)
+        for tag, value in zip(_PIXEL_SIZE_TAGS, (picture.width, picture.height)):
+            if tag in details:
+                details[tag] = value
+        return exif.tobytes()
+    except Exception:
+        return None
 
 
 def _upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
@@ -428,7 +474,7 @@ _PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}
 _ZLIB_HEADER = b"\x78\x9c"  # deflate with a 32 KiB window; the level bits in it are informational
 
 
-def _encode_png(pixels: np.ndarray, level: int, icc: bytes | None) -> bytes:
+def _encode_png(pixels: np.ndarray, level: int, icc: bytes | None, exif: bytes | None) -> bytes:
     """A PNG whose zlib stream is deflated in parallel row bands, each band its own IDAT chunk.
 
     Every band is compressed on its own and ends with a sync flush, so the bands join into
@@ -440,6 +486,8 @@ def _encode_png(pixels: np.ndarray, level: int, icc: bytes | None) -> bytes:
     chunks = [_PNG_SIGNATURE, _png_chunk(b"IHDR", header)]
     if icc is not None and _icc_fits(icc, channels):
         chunks.append(_png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib_ng.compress(icc)))
+    if exif is not None:  # before the image data, where readers look for it
+        chunks.append(_png_chunk(b"eXIf", exif.removeprefix(_EXIF_PREFIX)))
     bands = list(row_blocks(height, width * channels * pixels.dtype.itemsize))
     last = bands[-1]
     deflated = _parallel_map(lambda rows: _deflate_band(pixels, rows, level, rows is last), bands)

@@ -9,7 +9,7 @@ import asyncio
 import base64
 from dataclasses import dataclass
 
-from server import imaging
+from server import imagework, imaging
 from server.api.protocol import ImageData
 from server.errors import InvalidInput
 from server.imaging import Picture
@@ -21,10 +21,6 @@ from server.storage import ResultStore
 class Published:
     items: list[ImageData]
     size: tuple[int, int]  # of the first image
-
-
-def _encode_picture(picture: Picture, job: Job) -> bytes:
-    return imaging.encode(picture, job.output_format, job.output_compression)
 
 
 def _convert_remote(data: bytes, job: Job, max_pixels: int) -> tuple[bytes, tuple[int, int]]:
@@ -39,16 +35,13 @@ def _convert_remote(data: bytes, job: Job, max_pixels: int) -> tuple[bytes, tupl
             "output_format",
         )
     picture = imaging.decode(data, max_pixels=max_pixels)
-    return _encode_picture(picture, job), (picture.width, picture.height)
+    (encoded,) = imagework.encode([picture], job.output_format, job.output_compression)
+    return encoded, (picture.width, picture.height)
 
 
 async def publish_pictures(pictures: list[Picture], job: Job, store: ResultStore, base_url: str) -> Published:
     """Encode each distinct picture once (a deterministic model's n copies share one file)."""
-    encoded: dict[int, bytes] = {}
-    for picture in pictures:
-        if id(picture) not in encoded:
-            encoded[id(picture)] = await asyncio.to_thread(_encode_picture, picture, job)
-    blobs = [encoded[id(picture)] for picture in pictures]
+    blobs = await asyncio.to_thread(imagework.encode, pictures, job.output_format, job.output_compression)
     return Published(await _deliver(blobs, job, store, base_url), (pictures[0].width, pictures[0].height))
 
 

@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from server import imaging
+from server import imagework, imaging
 from server.api.protocol import CostComponent, DryRunResponse, ImagesResponse, Metadata
 from server.config import Settings
 from server.engine.interface import Engine, Plan, Reservation
@@ -94,7 +94,7 @@ async def _plan_local(job: Job, services: Services,
                       reservation: Reservation | None = None) -> tuple[imaging.Picture, Plan]:
     """The decoded picture and the engine's plan for it: the dry run and the run make them the same way."""
     assert job.entry.local is not None
-    picture = await asyncio.to_thread(imaging.decode, job.image.data, max_pixels=services.settings.max_input_pixels)
+    picture = await asyncio.to_thread(imagework.decode, job.image, services.settings.max_input_pixels)
     return picture, services.engine.plan(job.entry, picture, job.target, job.n, reservation)
 
 

@@ -24,6 +24,8 @@ _FORMAT_OF_EXTENSION = {extension: fmt for fmt, extension in EXTENSIONS.items()}
 _NAME = re.compile(r"[0-9a-f]{32}\.(" + "|".join(sorted(_FORMAT_OF_EXTENSION)) + r")")
 _TEMP_PREFIX = ".partial-"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class ResultStore:
@@ -39,7 +41,7 @@ class ResultStore:
         name = f"{secrets.token_hex(16)}.{extension}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._write_atomically(self.root / name, data)
+            write_atomically(self.root / name, data)
         except OSError as error:
             log.error("could not store a result", extra={"directory": str(self.root), "error": str(error)})
             if error.errno in _DISK_FULL:
@@ -86,14 +88,17 @@ class ResultStore:
     def _expired(self, mtime: float, now: float) -> bool:
         return now >= mtime + self.ttl_s
 
-    def _write_atomically(self, final: Path, data: bytes) -> None:
-        descriptor, temp = tempfile.mkstemp(dir=self.root, prefix=_TEMP_PREFIX)
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, final)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+
+def write_atomically(final: Path, data: bytes) -> None:
+    """`data` under `final` whole or not at all: a temp file beside it, fsync, rename over it."""
+    descriptor, temp = tempfile.mkstemp(dir=final.parent, prefix=_TEMP_PREFIX)
+    try:
+        os.fchmod(descriptor, 0o666 & ~_UMASK)  # what a plain open() would give, not mkstemp's 0600
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, final)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -55,3 +55,20 @@ def test_smallest_cpu_run_appends_a_dated_table_with_every_figure(tmp_path: Path
         assert 0.1 < float(rss.removesuffix(" GiB")) < 8
         assert float(quality) > 30, f"{name} is not an upscale of the photo: {quality} dB"
     assert rows["reference"][4] == "1.00×"
+
+
+def test_folder_batch_benchmark_writes_a_ratio_for_each_contender(tmp_path: Path) -> None:
+    report = tmp_path / "benchmarks.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts.bench_batch", "--files", "3", "--size", "48x36", "--repeats", "1",
+         "--write", str(report)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = report.read_text()
+    assert "a folder batch: 3 photos 48×36 → 192×144 PNG" in text and "--size 48x36" in text
+    rows = table_rows(text)
+    assert list(rows) == ["plain", "loupe-sequential", "loupe-batch"]
+    for name, (_, _, seconds, rate, ratio, quality) in rows.items():
+        assert float(seconds) > 0 and float(rate) > 0 and ratio.endswith("×")
+        assert quality == "identical" if name == "plain" else float(quality.removesuffix(" dB")) > 35

@@ -12,13 +12,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from server import catalog, imaging, net
+from server import catalog, imagework, imaging, net
 from server.api.guards import principal
 from server.api.protocol import DryRunResponse, EditForm, ErrorResponse, ImagesResponse
 from server.catalog import ModelEntry
 from server.config import Settings
 from server.errors import Cancelled, DeadlineExceeded, InvalidInput, NotFound, UnsupportedMediaType
-from server.jobs import Job, OutputFormat, SourceImage
+from server.jobs import Job, OutputFormat, SourceImage, resolve_target
 from server.serving import Services, dry_run, run
 
 router = APIRouter()
@@ -184,14 +184,7 @@ async def _load_image(field: UploadFile | str, settings: Settings) -> SourceImag
         filename = field.rsplit("/", 1)[-1][:100] or "image"
     else:
         raise InvalidInput("image must be a file, an http(s) URL or a data: URI", "image")
-    if not data:
-        raise InvalidInput("the image is empty", "image")
-    info = await asyncio.to_thread(imaging.probe, data)
-    if info.width * info.height > settings.max_input_pixels:
-        raise InvalidInput(f"the image is {info.width}x{info.height}, over the limit of {settings.max_input_pixels} "
-                           "pixels (LOUPE_MAX_INPUT_PIXELS)", "image", code="IMAGE_TOO_LARGE")
-    return SourceImage(data=data, width=info.width, height=info.height, format=info.format, filename=filename,
-                       alpha=info.alpha)
+    return await asyncio.to_thread(imagework.source_image, data, filename, settings.max_input_pixels)
 
 
 async def _chunks(upload: UploadFile, size: int = 1 << 20) -> Any:
@@ -200,7 +193,7 @@ async def _chunks(upload: UploadFile, size: int = 1 << 20) -> Any:
 
 
 def _build_job(request_id: str, form: EditForm, entry: ModelEntry, source: SourceImage, extra: dict[str, str]) -> Job:
-    scale, target = _target(form, entry, source)
+    scale, target = resolve_target(entry, source.width, source.height, form.scale_factor, form.size_pixels())
     output_format: OutputFormat = (
         "jpeg" if form.output_format == "jpg" else form.output_format or imaging.default_output_format(source.format)
     )
@@ -222,31 +215,3 @@ def _build_job(request_id: str, form: EditForm, entry: ModelEntry, source: Sourc
         size_given=form.size,
         extra=extra,
     )
-
-
-def _target(form: EditForm, entry: ModelEntry, source: SourceImage) -> tuple[float, tuple[int, int]]:
-    width, height = source.width, source.height
-    size = form.size_pixels()
-    if size is not None:
-        if form.scale_factor is not None:
-            raise InvalidInput("give scale_factor or size, not both", "size")
-        target_w, target_h = size
-        if target_w < 1 or target_h < 1:
-            raise InvalidInput("size must be at least 1x1", "size")
-        scale = target_w / width
-        if abs(round(height * scale) - target_h) > 1 and abs(round(width * target_h / height) - target_w) > 1:
-            raise InvalidInput(
-                f"size {target_w}x{target_h} does not keep the input's aspect ratio ({width}x{height}); "
-                "use scale_factor, or a size with the same ratio",
-                "size",
-            )
-        _check_scale(entry, scale, "size")
-        return scale, (target_w, target_h)
-    scale = form.scale_factor if form.scale_factor is not None else entry.default_scale
-    _check_scale(entry, scale, "scale_factor")
-    return scale, (max(1, round(width * scale)), max(1, round(height * scale)))
-
-
-def _check_scale(entry: ModelEntry, scale: float, param: str) -> None:
-    if not entry.scale.allows(scale):
-        raise InvalidInput(f"{entry.id} takes a scale {entry.scale.describe()}, not {scale:g}", param)

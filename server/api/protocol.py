@@ -6,12 +6,12 @@ dry runs); nothing in here knows how an image is upscaled.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-_SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
+from server.jobs import parse_size
+
 
 
 class EditForm(BaseModel):
@@ -40,13 +40,12 @@ class EditForm(BaseModel):
     @field_validator("size")
     @classmethod
     def _size_shape(cls, value: str | None) -> str | None:
-        if value is not None and value != "auto" and not _SIZE.match(value):
+        if value is not None and value != "auto" and parse_size(value) is None:
             raise ValueError("size must look like 2048x1536")
         return value
 
     def size_pixels(self) -> tuple[int, int] | None:
-        match = _SIZE.match(self.size or "")
-        return (int(match.group(1)), int(match.group(2))) if match else None
+        return parse_size(self.size or "")
 
 
 class ImageData(BaseModel):

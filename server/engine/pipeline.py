@@ -84,7 +84,7 @@ def upscale_picture(picture: Picture, target: tuple[int, int], passes: Sequence[
     if width < 1 or height < 1 or not passes:
         raise ValueError(f"target size {target} is empty, or no passes given")
     if model_input is not None and model_input != (picture.width, picture.height):
-        picture = Picture(resize(picture.pixels, *model_input), picture.icc_profile)
+        picture = picture.with_pixels(resize(picture.pixels, *model_input))
 
     def upscale_rgb(rgb: np.ndarray) -> np.ndarray:
         return _run_passes(rgb, passes, target, run_rgb)
@@ -92,14 +92,14 @@ def upscale_picture(picture: Picture, target: tuple[int, int], passes: Sequence[
     pixels = picture.pixels
     colour = pixels[..., :-1] if picture.has_alpha else pixels
     if not picture.has_alpha:
-        return Picture(_upscale_colour(colour, upscale_rgb), picture.icc_profile)
+        return picture.with_pixels(_upscale_colour(colour, upscale_rgb))
     alpha = constant_alpha(picture)
     if alpha is None:
-        return Picture(_upscale_with_alpha(colour, pixels[..., -1], upscale_rgb), picture.icc_profile)
+        return picture.with_pixels(_upscale_with_alpha(colour, pixels[..., -1], upscale_rgb))
     out = np.empty((height, width, picture.channels), pixels.dtype)
     out[..., :-1] = _upscale_colour(colour, upscale_rgb)
     out[..., -1] = alpha
-    return Picture(out, picture.icc_profile)
+    return picture.with_pixels(out)
 
 
 def _run_passes(rgb: np.ndarray, passes: Sequence[int], target: tuple[int, int], run_rgb: RunRgb) -> np.ndarray:

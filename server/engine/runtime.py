@@ -155,14 +155,23 @@ class LocalEngine:
         worker = min(self.workers, key=lambda w: w.backlog_s)
         return worker.reserve(self._plan_on(worker, entry, picture, target, n).estimated_seconds)
 
+    @property
+    def devices(self) -> list[torch.device]:
+        return [worker.device for worker in self.workers]
+
     def plan(self, entry: ModelEntry, picture: PictureFacts | Picture, target: tuple[int, int], n: int = 1,
-             reservation: Reservation | None = None) -> JobPlan:
+             reservation: Reservation | None = None, device: torch.device | None = None) -> JobPlan:
         """The one plan of a job: what the dry run shows and `upscale` runs. Loads nothing.
 
-        On the reservation's device, or else on the one with the least work reserved.
+        On the reservation's device, else on `device`, else on the one with the least work reserved.
         """
         facts = picture if isinstance(picture, PictureFacts) else PictureFacts.of(picture)
-        worker = reservation.worker if reservation is not None else min(self.workers, key=lambda w: w.backlog_s)
+        if reservation is not None:
+            worker = reservation.worker
+        elif device is not None:
+            worker = next(w for w in self.workers if w.device == device)
+        else:
+            worker = min(self.workers, key=lambda w: w.backlog_s)
         return self._plan_on(worker, entry, facts, target, n)
 
     async def upscale(self, plan: JobPlan, picture: Picture, *, reservation: Reservation | None = None,

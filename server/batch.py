@@ -20,8 +20,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -33,7 +33,7 @@ from server.catalog import ModelEntry
 from server.config import Settings
 from server.engine.runtime import LocalEngine
 from server.errors import Cancelled, InvalidInput, LoupeError
-from server.folders import Collision, Item, is_image_like
+from server.folders import Item, Refused, is_image_like
 from server.imaging import Picture
 from server.jobs import Job, SourceImage, resolve_target
 from server.routing import local_blocker
@@ -143,6 +143,7 @@ class FileWork:
         if blocker is not None:
             raise blocker
         picture = imagework.decode(source, max_pixels)
+        job = replace(job, image=replace(source, data=b""))  # the bytes are done with
         return Loaded(item, job, picture, time.monotonic() - began)
 
     def _job(self, item: Item, source: SourceImage) -> Job:
@@ -204,10 +205,10 @@ def interrupted(item: Item, seconds: float = 0.0, started: bool = True) -> Recor
 
 class Batch:
     def __init__(self, engine: LocalEngine, settings: Settings, options: Options, items: list[Item],
-                 collisions: list[Collision] = (), on_record: Callable[[Record], None] | None = None) -> None:
+                 refused: Sequence[Refused] = (), on_record: Callable[[Record], None] | None = None) -> None:
         self.engine = engine
         self.items = items
-        self.collisions = list(collisions)
+        self.refused = list(refused)
         self.on_record = on_record
         self.records: list[Record] = []
         self._work = FileWork(engine, settings, options)
@@ -229,13 +230,12 @@ class Batch:
     def run(self) -> Report:
         """Every file, through the pipeline; returns when all are done or the batch was stopped."""
         started = time.monotonic()
-        for collision in self.collisions:
-            self._emit(Record(path=str(collision.source), output=str(collision.output), status="failed",
-                              reason=f"its output {collision.output} is also that of {collision.taken_by}: "
-                                     "rename one of them, or give --format"))
+        for refusal in self.refused:
+            self._emit(Record(path=str(refusal.source), output=str(refusal.output) if refusal.output else None,
+                              status="failed", reason=refusal.reason))
         pending = []
         for item in self.items:
-            skipped = self._work.existing(item)
+            skipped = self._work.guarded(item, lambda: self._work.existing(item))
             if skipped is None:
                 pending.append(item)
             else:
@@ -254,51 +254,61 @@ class Batch:
                     for _ in range(width)]
         for thread in threads:
             thread.start()
-        while any(thread.is_alive() for thread in threads) or not self._records.empty():
-            try:
-                self._deliver(self._records.get(timeout=0.1))
-            except queue.Empty:
-                continue
-        for item in self._unstarted(pending):
-            self._deliver(interrupted(item, started=False))
-        return Report(summary=self._summary(time.monotonic() - started), files=self.records)
-
-    def _unstarted(self, pending: list[Item]) -> Iterator[Item]:
+        try:
+            while any(thread.is_alive() for thread in threads) or not self._records.empty():
+                try:
+                    self._deliver(self._records.get(timeout=0.1))
+                except queue.Empty:
+                    continue
+        finally:  # whatever stops the delivery (a failing progress bar), the threads stop before it returns
+            if any(thread.is_alive() for thread in threads):
+                self.stop(discard_running=True)
+            for thread in threads:
+                thread.join()
         done = {record.path for record in self.records}
-        return (item for item in pending if str(item.source) not in done)
+        for item in (item for item in pending if str(item.source) not in done):
+            # Without a stop, only a fault in a stage itself (logged) leaves a file without its record.
+            self._deliver(interrupted(item, started=False) if self.stopped
+                          else _failed(item, "an internal error stopped this file; see the log", 0.0))
+        records = sorted(self.records, key=lambda record: record.path)
+        return Report(summary=self._summary(time.monotonic() - started), files=records)
 
     # The stages, each on its own threads.
 
     def _read(self, work: Iterator[Item], decoded: queue.Queue[Loaded | None], runners: int) -> None:
-        while not self._stopping.is_set():
+        try:
+            while not self._stopping.is_set():
+                with self._lock:
+                    item = next(work, None)
+                if item is None:
+                    break
+                loaded = self._work.guarded(item, lambda: self._work.load(item))
+                if isinstance(loaded, Record):
+                    self._emit(loaded)
+                else:
+                    decoded.put(loaded)
+        finally:  # the last reader out ends the runners' input, even if a reader died
             with self._lock:
-                item = next(work, None)
-            if item is None:
-                break
-            loaded = self._work.guarded(item, lambda: self._work.load(item))
-            if isinstance(loaded, Record):
-                self._emit(loaded)
-            else:
-                decoded.put(loaded)
-        with self._lock:
-            self._readers_left -= 1
-            last = self._readers_left == 0
-        if last:
-            for _ in range(runners):
-                decoded.put(None)
+                self._readers_left -= 1
+                last = self._readers_left == 0
+            if last:
+                for _ in range(runners):
+                    decoded.put(None)
 
     def _upscale(self, device: torch.device, decoded: queue.Queue[Loaded | None],
                  upscaled: queue.Queue[Upscaled | None]) -> None:
-        while (loaded := decoded.get()) is not None:
-            if self._stopping.is_set():
-                self._emit(interrupted(loaded.item, loaded.seconds))
-                continue
-            result = self._work.guarded(loaded.item, lambda: self._work.run(loaded, device), loaded.seconds)
-            if isinstance(result, Record):
-                self._emit(result)
-            else:
-                upscaled.put(result)
-        upscaled.put(None)
+        try:
+            while (loaded := decoded.get()) is not None:
+                if self._stopping.is_set():
+                    self._emit(interrupted(loaded.item, loaded.seconds))
+                    continue
+                result = self._work.guarded(loaded.item, lambda: self._work.run(loaded, device), loaded.seconds)
+                if isinstance(result, Record):
+                    self._emit(result)
+                else:
+                    upscaled.put(result)
+        finally:
+            upscaled.put(None)
 
     def _write(self, upscaled: queue.Queue[Upscaled | None]) -> None:
         while (result := upscaled.get()) is not None:

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import sys
 import threading
@@ -46,20 +47,20 @@ def _upscale(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     fmt = "jpeg" if args.format == "jpg" else args.format
     output: Path = args.output
-    single = len(args.inputs) == 1 and Path(args.inputs[0]).is_file() and bool(output.suffix) and not output.is_dir()
+    single = len(args.inputs) == 1 and Path(args.inputs[0]).is_file() and folders.names_a_file(output)
     try:
         if single:
-            items, collisions = [folders.single_file(Path(args.inputs[0]), output, fmt)], []
+            items, refused = [folders.single_file(Path(args.inputs[0]), output, fmt)], []
         else:
-            items, collisions = folders.collect(args.inputs, output, fmt)
+            items, refused = folders.collect(args.inputs, output, fmt)
     except folders.UsageError as error:
         print(f"loupe: {error}", file=sys.stderr)
         return 2
     # One file named with its output is written whatever is there, and must be an image, as it always was.
     options = batch.Options(entry, args.scale, args.size, args.quality, args.seed,
                             overwrite=args.overwrite or single, skip_non_images=not single)
-    bar = _ProgressBar(len(items) + len(collisions), args.quiet)
-    work = batch.Batch(engine, settings, options, items, collisions, on_record=bar.record)
+    bar = _ProgressBar(len(items) + len(refused), args.quiet)
+    work = batch.Batch(engine, settings, options, items, refused, on_record=bar.record)
     with _stopping_on_signals(work) as signalled:
         report = work.run()
     bar.close()
@@ -99,19 +100,23 @@ class _ProgressBar:
 
 @contextlib.contextmanager
 def _stopping_on_signals(work: Batch) -> Iterator[list[int]]:
-    """SIGINT or SIGTERM stops the batch cleanly; a second one discards the files in flight. Yields the signals
-    received."""
+    """SIGINT or SIGTERM stops the batch cleanly; a second one discards the files in flight; a third ends the
+    process at once. Yields the signals received."""
     received: list[int] = []
 
     def handle(signum: int, _frame: object) -> None:
         received.append(signum)
-        if work.stopped:
-            work.stop(discard_running=True)
-            print("loupe: discarding the files in flight", file=sys.stderr)
-        else:
+        # os.write, not print: the handler may run while the main thread is inside a write to stderr.
+        if len(received) == 1:
             work.stop()
-            print("loupe: stopping: no new files; finishing the ones on the device (again to discard them)",
-                  file=sys.stderr)
+            os.write(2, b"\nloupe: stopping: no new files; finishing the ones on the device (again to discard "
+                        b"them)\n")
+        elif len(received) == 2:
+            work.stop(discard_running=True)
+            os.write(2, b"\nloupe: discarding the files in flight (again to quit at once)\n")
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     if threading.current_thread() is not threading.main_thread():
         yield received

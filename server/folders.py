@@ -35,16 +35,26 @@ class Item:
 
 
 @dataclass(frozen=True)
-class Collision:
-    """A file whose output name another input already takes (`photo.gif` and `photo.png` both make `photo.png`)."""
+class Refused:
+    """An input that can't be upscaled whatever its content: a folder that can't be read, or a file whose output
+    another input already takes (`photo.gif` and `photo.png` both make `photo.png`)."""
 
     source: Path
-    output: Path
-    taken_by: Path
+    output: Path | None
+    reason: str
+
+
+def names_a_file(output: Path) -> bool:
+    """Whether `-o` names an output file rather than a folder: an image extension (`big.png`, `big.tif`), and no
+    folder there. `out.v2` is a folder."""
+    suffix = output.suffix.lower()
+    return (suffix in _OUTPUT_FORMAT_OF_SUFFIX or suffix in _FORMAT_OF_SUFFIX) and not output.is_dir()
 
 
 def single_file(source: Path, output: Path, fmt: OutputFormat | None) -> Item:
     """`loupe upscale photo.jpg -o big.png`: one file to exactly that path, in the format its extension names."""
+    if output.resolve() == source.resolve():
+        raise UsageError(f"the output {output} is the input itself; name another file")
     named = _OUTPUT_FORMAT_OF_SUFFIX.get(output.suffix.lower())
     if named is None:
         raise UsageError(f"can't tell the format from {output.name!r}: end it with one of "
@@ -54,60 +64,80 @@ def single_file(source: Path, output: Path, fmt: OutputFormat | None) -> Item:
     return Item(source, output, named)
 
 
-def collect(inputs: list[str], out: Path, fmt: OutputFormat | None) -> tuple[list[Item], list[Collision]]:
-    """Every file the inputs name, in a stable order, each with its output under `out`.
+def collect(inputs: list[str], out: Path, fmt: OutputFormat | None) -> tuple[list[Item], list[Refused]]:
+    """Every file the inputs name, in path order, each with its output under `out`; and the inputs refused.
 
     A folder's files are found recursively and keep their paths relative to it; a glob's keep theirs
     relative to the folder its pattern starts in; a file named on its own goes straight into `out`.
-    Nothing under `out` itself is an input, so `loupe upscale photos -o photos/big` can run twice.
+    Nothing under `out` itself is an input, so `loupe upscale photos -o photos/big` can run twice. Where
+    two inputs would make one output, the one whose own name it is wins (`photo.png` over `photo.gif`).
     """
     out_resolved = out.resolve()
-    items: list[Item] = []
-    collisions: list[Collision] = []
-    owners: dict[Path, Path] = {}
+    refused: list[Refused] = []
+    candidates: list[tuple[Path, Path, OutputFormat]] = []
     seen: set[Path] = set()
-    for source, relative in _sources(inputs, out_resolved):
+    for source, relative in _sources(inputs, out_resolved, refused):
         resolved = source.resolve()
         if resolved in seen:  # named twice (a folder and a glob inside it)
             continue
         seen.add(resolved)
         output, output_format = _output_of(out / relative, fmt)
-        key = output.resolve()
-        if key in owners:
-            collisions.append(Collision(source, output, owners[key]))
-            continue
-        owners[key] = source
-        items.append(Item(source, output, output_format))
-    return items, collisions
+        if output.resolve() == resolved:
+            raise UsageError(f"{source} would be overwritten by its own upscale: give an output folder apart "
+                             "from the inputs")
+        candidates.append((source, output, output_format))
+    owners: dict[Path, Path] = {}
+    for source, output, _ in sorted(candidates, key=lambda c: c[0].name != c[1].name):
+        owners.setdefault(output.resolve(), source)
+    items = []
+    for source, output, output_format in candidates:
+        owner = owners[output.resolve()]
+        if owner == source:
+            items.append(Item(source, output, output_format))
+        else:
+            refused.append(Refused(source, output, f"its output {output} is also that of {owner}: rename one of "
+                                                   "them, or give --format"))
+    return items, refused
 
 
-def _sources(inputs: list[str], out: Path) -> list[tuple[Path, Path]]:
-    """(file, its path relative to where its input starts) for every input."""
+def _sources(inputs: list[str], out: Path, refused: list[Refused]) -> list[tuple[Path, Path]]:
+    """(file, its path relative to where its input starts) for every input; folders that can't be read go to
+    `refused`."""
     found: list[tuple[Path, Path]] = []
     for text in inputs:
         path = Path(text)
         if path.is_dir():
-            found += [(file, file.relative_to(path)) for file in _walk(path, out)]
+            if _is_under(path.resolve(), out):
+                raise UsageError(f"the input folder {path} is the output folder or inside it; write elsewhere")
+            found += [(file, file.relative_to(path)) for file in _walk(path, out, refused)]
         elif path.is_file():
             found.append((path, Path(path.name)))
         elif glob.has_magic(text):
             base = _fixed_prefix(text)
-            matches = sorted(Path(match) for match in glob.glob(text, recursive=True))
+            matches = sorted(Path(os.path.normpath(match)) for match in glob.glob(text, recursive=True))
             files = [match for match in matches if match.is_file() and not _is_under(match.resolve(), out)]
             for directory in (match for match in matches if match.is_dir()):
-                files += _walk(directory, out)
+                files += _walk(directory, out, refused)
             if not files:
                 raise UsageError(f"no file matches {text!r}")
-            found += [(file, file.relative_to(base)) for file in files]
+            for file in files:
+                relative = Path(os.path.relpath(file, base))
+                if relative.parts[:1] == ("..",):
+                    raise UsageError(f"{text!r} reaches {file}, outside the folder it starts in ({base})")
+                found.append((file, relative))
         else:
             raise UsageError(f"no such file or folder: {text}")
     return found
 
 
-def _walk(folder: Path, out: Path) -> list[Path]:
+def _walk(folder: Path, out: Path, refused: list[Refused]) -> list[Path]:
     """The files under `folder`, sorted by path, following no folder links (a link loop can't trap the scan)."""
     files: list[Path] = []
-    for root, folders, names in os.walk(folder):
+
+    def unreadable(error: OSError) -> None:
+        refused.append(Refused(Path(error.filename or folder), None, f"can't read this folder: {error.strerror}"))
+
+    for root, folders, names in os.walk(folder, onerror=unreadable):
         here = Path(root)
         folders[:] = sorted(name for name in folders if not _is_under((here / name).resolve(), out))
         files += [here / name for name in names if (here / name).is_file()]
@@ -117,8 +147,8 @@ def _walk(folder: Path, out: Path) -> list[Path]:
 def _fixed_prefix(pattern: str) -> Path:
     """The folder a glob starts in: its path up to the first part with a wildcard."""
     parts = Path(pattern).parts
-    fixed = [part for part in parts[: next(i for i, part in enumerate(parts) if glob.has_magic(part))]]
-    return Path(*fixed) if fixed else Path(".")
+    fixed = parts[: next(i for i, part in enumerate(parts) if glob.has_magic(part))]
+    return Path(os.path.normpath(Path(*fixed))) if fixed else Path(".")
 
 
 def _is_under(path: Path, folder: Path) -> bool:

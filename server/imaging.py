@@ -50,6 +50,10 @@ _MAX_SIDE = {"jpeg": 65_500, "webp": 16_383, "gif": 65_535}
 _JPEG_MAX_EXIF = 65_533  # one APP1 segment; a larger block (from a PNG, say) is left out of a JPEG
 _EXIF_IFD = 0x8769
 _PIXEL_SIZE_TAGS = (0xA002, 0xA003)  # PixelXDimension, PixelYDimension, in the Exif IFD
+# ImageWidth, ImageLength, BitsPerSample, Compression, PhotometricInterpretation, StripOffsets, SamplesPerPixel,
+# RowsPerStrip, StripByteCounts, PlanarConfiguration, Predictor, TileWidth, TileLength, TileOffsets,
+# TileByteCounts, ExtraSamples, SampleFormat, and the ICC profile (InterColorProfile).
+_TIFF_LAYOUT_TAGS = (256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 322, 323, 324, 325, 338, 339, 34675)
 _EXIF_PREFIX = b"Exif\x00\x00"
 _OWN_FORMATS: dict[str, OutputFormat] = {"JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "AVIF": "avif"}
 _PIL_FORMATS = {"jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}
@@ -293,10 +297,16 @@ def _exif(image: Image.Image) -> Image.Exif | None:
 
 
 def _upright_exif(exif: Image.Exif) -> bytes | None:
-    """The EXIF block for pixels already turned upright; None when it can't be written back (it is only metadata)."""
+    """The EXIF block for pixels already turned upright; None when it can't be written back (it is only metadata).
+
+    A TIFF's first directory is its EXIF as Pillow reads it: the tags that lay out the TIFF's own pixels (and
+    its ICC profile, which travels on its own) are dropped, since they would describe the wrong image.
+    """
     try:
         if ExifTags.Base.Orientation in exif:
             exif[ExifTags.Base.Orientation] = 1
+        for tag in _TIFF_LAYOUT_TAGS:
+            exif.pop(tag, None)
         return exif.tobytes()
     except Exception:  # a malformed block Pillow read but can't write
         return None
@@ -309,10 +319,11 @@ def _sized_exif(picture: Picture) -> bytes | None:
     try:
         exif = Image.Exif()
         exif.load(picture.exif)
-        details = exif.get_ifd(_EXIF_IFD)
-        for tag, value in zip(_PIXEL_SIZE_TAGS, (picture.width, picture.height)):
-            if tag in details:
-                details[tag] = value
+        if _EXIF_IFD in exif:
+            details = exif.get_ifd(_EXIF_IFD)
+            for tag, value in zip(_PIXEL_SIZE_TAGS, (picture.width, picture.height)):
+                if tag in details:
+                    details[tag] = value
         return exif.tobytes()
     except Exception:
         return None

@@ -93,8 +93,8 @@ def write_atomically(final: Path, data: bytes) -> None:
     """`data` under `final` whole or not at all: a temp file beside it, fsync, rename over it."""
     descriptor, temp = tempfile.mkstemp(dir=final.parent, prefix=_TEMP_PREFIX)
     try:
-        os.fchmod(descriptor, 0o666 & ~_UMASK)  # what a plain open() would give, not mkstemp's 0600
         with os.fdopen(descriptor, "wb") as file:
+            os.fchmod(file.fileno(), 0o666 & ~_UMASK)  # what a plain open() would give, not mkstemp's 0600
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
@@ -102,3 +102,8 @@ def write_atomically(final: Path, data: bytes) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+    folder = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a power cut
+    finally:
+        os.close(folder)

@@ -97,6 +97,7 @@ def test_a_folder_mirrors_its_tree_skips_junk_reports_failures_and_resumes(
     assert deep.dtype == np.uint16 and np.any(deep % 257 != 0)
     with Image.open(out / "scans" / "page.png") as page:  # a TIFF comes back as PNG, its colour profile kept
         assert page.format == "PNG" and page.info.get("icc_profile")
+        assert not {256, 257, 273, 279} & set(page.getexif())  # and none of the TIFF's own layout as EXIF
 
     records = {Path(r["path"]).relative_to(source).as_posix(): r for r in json.loads(report.read_text())["files"]}
     assert json.loads(report.read_text())["summary"] | {"seconds": 0, "images_per_second": 0} == {
@@ -157,7 +158,10 @@ def test_a_size_that_does_not_fit_a_file_fails_that_file_with_the_reason(tmp_pat
     ["in", "-o", "out", "--scale", "2", "--size", "10x10"],
     ["in", "-o", "out", "--format", "bmp"],
     ["in", "-o", "out", "--model", "no-such-model"],
-    ["in/one.png", "-o", "out.unknown"],
+    ["in/one.png", "-o", "out.tif"],  # a format Loupe doesn't write
+    ["in/one.png", "-o", "in/one.png"],  # the output is the input
+    ["in", "-o", "in"],
+    ["in", "-o", "."],  # the input inside the output
 ])
 def test_usage_errors_exit_2_and_write_nothing(args: list[str], tmp_path: Path, weights_dir: Path) -> None:
     (tmp_path / "in").mkdir()
@@ -218,8 +222,8 @@ def test_discarding_the_files_in_flight_writes_none_of_them(tmp_path: Path, weig
     settings = loupe_settings(weights_dir, tmp_path / "data", tile_size=16)  # many tiles: a cancel lands between two
     entry = catalog.find(MODEL)
     assert entry is not None
-    items, collisions = collect([str(source)], out, None)
-    batch = Batch(LocalEngine(settings), settings, Options(entry, scale=2), items, collisions)
+    items, refused = collect([str(source)], out, None)
+    batch = Batch(LocalEngine(settings), settings, Options(entry, scale=2), items, refused)
     runner = threading.Thread(target=lambda: setattr(batch, "report", batch.run()))
     runner.start()
     time.sleep(0.5)
@@ -260,14 +264,16 @@ def test_outputs_keep_names_and_formats_and_each_output_has_one_source(tmp_path:
     out.mkdir()
     (out / "a.JPG").write_bytes(b"")
 
-    items, collisions = collect([str(source)], out, None)
+    items, refused = collect([str(source)], out, None)
 
     assert [(item.source.relative_to(source).as_posix(), item.output.relative_to(out).as_posix(), item.format)
             for item in items] == [
         (".DS_Store", ".DS_Store.png", "png"), ("a.JPG", "a.JPG", "jpeg"), ("b.jpeg", "b.jpeg", "jpeg"),
-        ("c.gif", "c.png", "png"), ("d.tif", "d.png", "png"), ("deep/er/e.webp", "deep/er/e.webp", "webp"),
+        ("c.png", "c.png", "png"), ("d.tif", "d.png", "png"), ("deep/er/e.webp", "deep/er/e.webp", "webp"),
         ("frame.0001", "frame.0001.png", "png")]
-    assert [(c.source.name, c.output.name, c.taken_by.name) for c in collisions] == [("c.png", "c.png", "c.gif")]
+    # Of two files that would make one output, the one whose name it is keeps it; the other is refused.
+    assert [(r.source.name, r.output.name) for r in refused] == [("c.gif", "c.png")]
+    assert f"is also that of {source / 'c.png'}" in refused[0].reason
     forced, _ = collect([str(source / "deep")], tmp_path / "o", "avif")
     assert [item.output.relative_to(tmp_path / "o").as_posix() for item in forced] == ["er/e.avif"]
 

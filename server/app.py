@@ -10,7 +10,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from server import catalog
-from server.api import files, images, models
+from server.api import files, images, models, requests
+from server.api.tracking import Tracker
 from server.api.guards import RateLimiter, admit
 from server.api.middleware import (
     AccessLogMiddleware,
@@ -26,17 +27,21 @@ from server.engine.runtime import LocalEngine
 from server.metrics import Metrics
 from server.progress import ProgressHub
 from server.remote import RemoteProviders
+from server.request_store import RequestStore, database_path
 from server.serving import Services
 from server.storage import ResultStore
+from server.webhooks import Deliverer, load_secret
 
 STATIC_DIR = Path(__file__).parent / "static"
 _FORM_OVERHEAD_BYTES = 1 << 20
 
 
-async def _sweep_results(store: ResultStore, every_s: float) -> None:
+async def _sweep_results(store: ResultStore, records: RequestStore, ttl_s: float, every_s: float) -> None:
+    """Results and the records of the requests that made them expire together."""
     while True:
         await asyncio.sleep(every_s)
         await asyncio.to_thread(store.sweep)
+        await asyncio.to_thread(records.expire, ttl_s)
 
 
 def create_app(settings: Settings | None = None, engine_factory: Callable[[Settings], Engine] = LocalEngine) -> FastAPI:
@@ -45,19 +50,30 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        records = RequestStore(database_path(settings))  # a database that can't be used stops the start-up here
+        secret = load_secret(settings)
         engine = engine_factory(settings)
         await engine.start()
         metrics.watch_engine(engine.stats)
         providers = RemoteProviders(settings)
         store = ResultStore(settings.data_dir / "results", settings.result_ttl_s)
-        app.state.services = Services(settings, engine, providers, store, ProgressHub(asyncio.get_running_loop()))
-        sweeper = asyncio.create_task(_sweep_results(store, min(60.0, settings.result_ttl_s / 2)))
+        deliverer = Deliverer(settings, secret)
+        tracker = Tracker(records, deliverer, settings.data_dir / "requests")
+        services = Services(settings, engine, providers, store, ProgressHub(asyncio.get_running_loop()), tracker,
+                            secret)
+        app.state.services = services
+        await images.resume_pending(services)
+        sweeper = asyncio.create_task(_sweep_results(store, records, settings.result_ttl_s,
+                                                     min(60.0, settings.result_ttl_s / 2)))
         try:
             yield
         finally:
             sweeper.cancel()
+            await tracker.close()
+            await deliverer.drain(timeout_s=5.0)
             await providers.aclose()
             await engine.close()
+            records.close()
 
     app = FastAPI(
         title="Loupe",
@@ -76,7 +92,7 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     app.state.rate_limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
     guarded = [Depends(admit)]
     for prefix, in_schema in (("/v1", True), ("/openai/v1", False)):
-        for router in (images.router, models.router, files.progress_router):
+        for router in (images.router, models.router, files.progress_router, requests.router):
             app.include_router(router, prefix=prefix, dependencies=guarded, include_in_schema=in_schema)
     app.include_router(files.results_router)
 

@@ -28,8 +28,10 @@ if TYPE_CHECKING:  # the engine's modules load torch: only the commands that run
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from server import serve
     from server.engine.runtime import engine_devices
+    from server.request_store import RequestStore, database_path
 
     engine_devices(settings)  # a bad device or precision setting stops here, before the server starts
+    RequestStore(database_path(settings)).close()  # and so does a database that can't be used
     serve.run(settings.model_copy(update={"host": args.host or settings.host, "port": args.port or settings.port}))
     return 0
 

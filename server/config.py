@@ -40,7 +40,13 @@ class Settings(BaseSettings):
 
     # Results
     data_dir: Path = PROJECT_ROOT / "data"
-    result_ttl_s: int = Field(default=3600, ge=1)
+    result_ttl_s: int = Field(default=3600, ge=1)  # results, and the records of the requests that made them
+    database_url: str | None = None  # sqlite:///<path>; None: sqlite:///<data dir>/loupe.db
+
+    # Webhooks
+    webhook_secret: str | None = None  # whsec_…; None: one generated once and kept in the data dir
+    webhook_retry_s: Annotated[list[float], NoDecode] = Field(default_factory=lambda: [5.0, 15.0, 45.0])
+    webhook_timeout_s: float = Field(default=30.0, gt=0)
 
     # Input limits
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
@@ -76,6 +82,20 @@ class Settings(BaseSettings):
     def queue_budget_s(self) -> float:
         """A job admitted behind a full budget still has half the request timeout to run in."""
         return self.max_queue_s if self.max_queue_s is not None else self.request_timeout_s / 2
+
+    @field_validator("webhook_retry_s", mode="before")
+    @classmethod
+    def _split_delays(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_retry_s")
+    @classmethod
+    def _non_negative(cls, value: list[float]) -> list[float]:
+        if any(not 0 <= delay < 86400 for delay in value):
+            raise ValueError("each delay must be between 0 and 86400 seconds")
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -156,7 +156,7 @@ class _Fetch:
         self.timeout = timeout
 
     async def run(self, url: str, client: httpx.AsyncClient) -> tuple[bytes, str | None]:
-        current = _parse(url)
+        current = parse_url(url, "image")
         for _ in range(MAX_REDIRECTS + 1):
             response = await self._open(current, client)
             try:
@@ -169,34 +169,12 @@ class _Fetch:
         raise _unfetchable(f"more than {MAX_REDIRECTS} redirects")
 
     async def _open(self, url: httpx.URL, client: httpx.AsyncClient) -> httpx.Response:
-        host = url.raw_host.decode("ascii")
-        addresses = await self._vetted(host, url.port or (443 if url.scheme == "https" else 80))
-        failure: httpx.HTTPError | None = None
-        for address in addresses:
-            request = _pinned_request(url, address, self.timeout)
-            try:
-                # auth=None: a shared client's credentials must never reach a client-chosen server.
-                return await client.send(request, stream=True, follow_redirects=False, auth=None)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
-                failure = error
-        raise _unfetchable(f"could not connect to {host}") from failure
-
-    async def _vetted(self, host: str, port: int) -> list[IPAddress]:
+        addresses = await _vetted(url, self.resolve, self.guard, "image")
         try:
-            addresses: list[IPAddress] = [ipaddress.ip_address(host)]
-        except ValueError:
-            try:
-                addresses = await self.resolve(host, port)
-            except (OSError, UnicodeError):
-                addresses = []
-        if not addresses:
-            raise _unfetchable(f"the host {host} could not be resolved")
-        for address in addresses:
-            reason = self.guard(address)
-            if reason is not None:
-                raise _refused(f"image URL host {host} resolves to a non-public address ({reason}); "
-                               "only public addresses may be fetched")
-        return addresses
+            return await send_pinned(client, "GET", url, addresses, self.timeout, {"Accept": "image/*"},
+                                     stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            raise _unfetchable(f"could not connect to {url.raw_host.decode('ascii')}") from error
 
     async def _read(self, response: httpx.Response) -> tuple[bytes, str | None]:
         if response.status_code >= 300:
@@ -211,17 +189,67 @@ class _Fetch:
         return body, media_type or None
 
 
-def _parse(url: str) -> httpx.URL:
+async def vetted_addresses(url: httpx.URL, settings: Settings, param: str,
+                           resolve: Resolver = resolve_host) -> list[IPAddress]:
+    """The addresses of `url`'s host, each one public (any, with `settings.allow_private_urls`); InvalidInput on
+    `param` when the host can't be resolved or one of its addresses is not public."""
+    return await _vetted(url, resolve, _allow_any if settings.allow_private_urls else classify_address, param)
+
+
+async def _vetted(url: httpx.URL, resolve: Resolver, guard: AddressGuard, param: str) -> list[IPAddress]:
+    host = url.raw_host.decode("ascii")
+    try:
+        addresses: list[IPAddress] = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            addresses = await resolve(host, url.port or (443 if url.scheme == "https" else 80))
+        except (OSError, UnicodeError):
+            addresses = []
+    if not addresses:
+        what = "fetch image URL" if param == "image" else f"reach {param}"
+        raise InvalidInput(f"could not {what}: the host {host} could not be resolved", param)
+    for address in addresses:
+        reason = guard(address)
+        if reason is not None:
+            raise InvalidInput(f"{_noun(param)} host {host} resolves to a non-public address ({reason}); only "
+                               "public addresses may be contacted", param)
+    return addresses
+
+
+async def send_pinned(client: httpx.AsyncClient, method: str, url: httpx.URL, addresses: list[IPAddress],
+                      timeout: httpx.Timeout, headers: dict[str, str], content: bytes | None = None, *,
+                      stream: bool = False) -> httpx.Response:
+    """`method url` sent to the first of the vetted `addresses` that connects, never following a redirect."""
+    failure: httpx.HTTPError | None = None
+    for address in addresses:
+        request = _pinned_request(method, url, address, timeout, headers, content)
+        try:
+            # auth=None: a shared client's credentials must never reach a client-chosen server.
+            return await client.send(request, stream=stream, follow_redirects=False, auth=None)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            failure = error
+    assert failure is not None
+    raise failure
+
+
+def parse_url(url: str, param: str) -> httpx.URL:
+    """An absolute http(s) URL with a host; InvalidInput on `param` otherwise."""
+    noun = _noun(param)
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, ValueError):
-        raise _refused("image is not a valid URL") from None
+        raise InvalidInput(f"{param} is not a valid URL", param) from None
     if parsed.scheme not in ("http", "https"):
-        raise _refused(f"image URLs must use http or https, not {parsed.scheme}:" if parsed.scheme
-                       else "image URL must be absolute: http(s)://host/path")
+        raise InvalidInput(f"{noun} must use http or https, not {parsed.scheme}:" if parsed.scheme
+                           else f"{noun} must be absolute: http(s)://host/path", param)
     if not parsed.raw_host:
-        raise _refused("image URL has no host")
+        raise InvalidInput(f"{noun} has no host", param)
     return parsed
+
+
+def _noun(param: str) -> str:
+    """How messages name a URL field: "image URL" for `image` (which may also be a file), else the field."""
+    return "image URL" if param == "image" else param
 
 
 def _redirect_target(current: httpx.URL, response: httpx.Response) -> httpx.URL:
@@ -232,11 +260,12 @@ def _redirect_target(current: httpx.URL, response: httpx.Response) -> httpx.URL:
         target = current.join(location)
     except (httpx.InvalidURL, ValueError):
         raise _unfetchable("redirected to an invalid URL") from None
-    return _parse(str(target))
+    return parse_url(str(target), "image")
 
 
-def _pinned_request(url: httpx.URL, address: IPAddress, timeout: httpx.Timeout) -> httpx.Request:
-    """A GET for `url` that connects to `address`, while Host and SNI still name the URL's host."""
+def _pinned_request(method: str, url: httpx.URL, address: IPAddress, timeout: httpx.Timeout,
+                    headers: dict[str, str], content: bytes | None) -> httpx.Request:
+    """A request for `url` that connects to `address`, while Host and SNI still name the URL's host."""
     host = url.raw_host.decode("ascii")
     extensions: dict[str, object] = {"timeout": timeout.as_dict()}
     if url.scheme == "https":
@@ -244,11 +273,12 @@ def _pinned_request(url: httpx.URL, address: IPAddress, timeout: httpx.Timeout) 
     headers = {
         "Host": url.netloc.decode("ascii"),
         "User-Agent": USER_AGENT,
-        "Accept": "image/*",
+        **headers,
         # A pooled connection was opened for one name's vetted address and TLS identity; never reuse it.
         "Connection": "close",
     }
-    return httpx.Request("GET", url.copy_with(host=str(address)), headers=headers, extensions=extensions)
+    return httpx.Request(method, url.copy_with(host=str(address)), headers=headers, content=content,
+                         extensions=extensions)
 
 
 def decode_data_uri(uri: str, *, max_bytes: int) -> bytes:

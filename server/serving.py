@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from server import imagework, imaging
 from server.api.protocol import CostComponent, DryRunResponse, ImagesResponse, Metadata
+from server.api.tracking import Tracker
 from server.config import Settings
 from server.engine.interface import Engine, Plan, Reservation
 from server.engine.planning import PictureFacts
@@ -33,10 +35,14 @@ class Services:
     providers: RemoteProviders
     store: ResultStore
     progress: ProgressHub
+    tracker: Tracker  # every request's record, and the async ones' background runs
+    webhook_secret: str
 
 
-async def run(job: Job, services: Services, cancel: threading.Event, base_url: str) -> ImagesResponse:
-    """Run the job and publish its images; `base_url` is where result URLs point."""
+async def run(job: Job, services: Services, cancel: threading.Event, base_url: str,
+              started: Callable[[], Awaitable[None]] | None = None) -> ImagesResponse:
+    """Run the job and publish its images; `base_url` is where result URLs point. `started` is awaited once a
+    device or a provider has taken the job, before it runs."""
     route = choose_route(job, services.settings, services.engine, services.providers)
     services.progress.update(job.request_id, "queued")
     reservation = None
@@ -48,6 +54,13 @@ async def run(job: Job, services: Services, cancel: threading.Event, base_url: s
             if overflow is None:
                 raise
             route = overflow
+    if started is not None:
+        try:
+            await started()
+        except BaseException:
+            if reservation is not None:
+                reservation.release()
+            raise
     if reservation is not None:
         try:
             published, metadata = await _run_local(job, services, reservation, cancel, base_url)

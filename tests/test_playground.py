@@ -208,3 +208,20 @@ def test_api_key_is_remembered_and_sent_with_every_call(browser: Browser, keyed_
         expect(page.locator("#stat-time small")).to_have_text(re.compile(r"^\d+ tiles?$"))
     finally:
         context.close()
+
+
+def test_recent_requests_list_their_status_and_reopen_a_result(browser: Browser, loupe_url: str,
+                                                               photo: Path) -> None:
+    accepted = httpx.post(f"{loupe_url}/v1/images/edits", data={"model": MODEL, "scale_factor": "2"},
+                          files={"image": ("coffee.png", photo.read_bytes())}, headers={"Prefer": "respond-async"})
+    assert accepted.status_code == 202
+    request_id = accepted.json()["id"]
+    with open_page(browser, loupe_url) as page:
+        entry = page.locator(f"#recent li[data-id='{request_id}']")
+        expect(entry).to_be_visible()
+        expect(entry.locator(".status")).to_have_text("completed", timeout=RUN_TIMEOUT_MS)  # refreshed while open
+        expect(entry).to_contain_text("192x128")
+        entry.locator("button").click()
+        expect(page.locator("#result")).to_be_visible()
+        expect(page.locator("#stat-size")).to_contain_text("192 × 128 px")
+        expect(page.locator("#stat-time small")).to_contain_text("reopened from its record")

@@ -99,6 +99,12 @@ def error_response(error: LoupeError, request_id: str | None = None) -> JSONResp
         headers["Connection"] = "close"
     if request_id:
         headers["X-Request-Id"] = request_id
-    body = {"error": {"message": error.message, "type": error_type(error, status), "param": error.param,
-                      "code": error.code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse({"error": error_object(error)}, status_code=status, headers=headers)
+
+
+def error_object(error: BaseException) -> dict[str, str | None]:
+    """The OpenAI error object for any failure: a domain error's own, or a generic server error."""
+    if not isinstance(error, LoupeError):
+        error = InternalError("internal error; the server log has the details")
+    return {"message": error.message, "type": error_type(error, status_of(error)), "param": error.param,
+            "code": error.code}

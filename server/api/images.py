@@ -4,7 +4,8 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -12,14 +13,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from server import catalog, imagework, imaging, net
+from server import catalog, imagework, imaging, net, webhooks
 from server.api.guards import principal
-from server.api.protocol import DryRunResponse, EditForm, ErrorResponse, ImagesResponse
+from server.api.protocol import AsyncAccepted, DryRunResponse, EditForm, ErrorResponse, ImagesResponse
 from server.catalog import ModelEntry
 from server.config import Settings
-from server.errors import Cancelled, DeadlineExceeded, InvalidInput, NotFound, UnsupportedMediaType
+from server.errors import (Cancelled, DeadlineExceeded, InternalError, InvalidInput, LoupeError, NotFound,
+                           QueueFull, UnsupportedMediaType)
 from server.jobs import Job, OutputFormat, SourceImage, resolve_target
+from server.request_store import RequestRow
 from server.serving import Services, dry_run, run
+from server.storage import write_atomically
 
 router = APIRouter()
 
@@ -47,7 +51,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 @router.post(
     "/images/edits",
     response_model=ImagesResponse | DryRunResponse,
-    responses=_ERRORS,
+    responses={**_ERRORS, 202: {"model": AsyncAccepted, "description": "Accepted to run in the background: with "
+                                "a webhook_url, or with `Prefer: respond-async`"}},
     openapi_extra=_form_schema(),
     summary="Upscale an image (OpenAI images.edit compatible)",
 )
@@ -66,23 +71,104 @@ async def edit_image(
 
 async def _edit(request: Request, services: Services, dry_run_flag: bool) -> Response:
     settings = services.settings
+    request_id, owner = request.state.request_id, principal(request)
     form, image_field, extra = await _read_form(request, settings)
-    entry = await asyncio.to_thread(_resolve_model, form.model, services)  # a new custom file is inspected
-    # A catalog or custom id, never the client's own string: metric labels must stay a bounded set.
-    request.state.model_label = entry.id if entry.local is not None or catalog.find(entry.id) else "(gateway)"
-    source = await _load_image(image_field, settings)
-    job = _build_job(request.state.request_id, form, entry, source, extra)
+    try:
+        entry = await asyncio.to_thread(_resolve_model, form.model, services)  # a new custom file is inspected
+        # A catalog or custom id, never the client's own string: metric labels must stay a bounded set.
+        request.state.model_label = entry.id if entry.local is not None or catalog.find(entry.id) else "(gateway)"
+        source = await _load_image(image_field, settings)
+        job = _build_job(request_id, form, entry, source, extra)
+        if form.webhook_url is not None:
+            await webhooks.check_url(form.webhook_url, settings)
+    except LoupeError as error:
+        if not dry_run_flag:  # an edit refused at once is recorded too, with why
+            await services.tracker.rejected(request_id, owner, form.model, error)
+        raise
     headers = {"X-Loupe-Model": job.requested_model}
     if dry_run_flag:
         planned = await dry_run(job, services)
-        services.progress.update(request.state.request_id, "done")
+        services.progress.update(request_id, "done")
         request.state.provider = headers["X-Loupe-Provider"] = planned.provider
         return JSONResponse(planned.model_dump(), headers=headers)
     base_url = (settings.public_url or str(request.base_url)).rstrip("/")
+    if form.webhook_url is not None or _prefers_async(request):
+        return await _submit(services, job, form, extra, owner, base_url)
+    await services.tracker.begin(request_id, owner, form.model)
     cancel = threading.Event()
-    response = await _run_until_disconnect(request, run(job, services, cancel, base_url), cancel, settings)
+    try:
+        response = await _run_until_disconnect(request, run(job, services, cancel, base_url), cancel, settings)
+    except BaseException as error:
+        await asyncio.shield(services.tracker.failed(request_id, error))
+        raise
+    await services.tracker.completed(request_id, response)
     request.state.provider = headers["X-Loupe-Provider"] = response.metadata.provider
     return StreamingResponse(_images_body(response), media_type="application/json", headers=headers)
+
+
+def _prefers_async(request: Request) -> bool:
+    """`Prefer: respond-async` (RFC 7240), among any other preferences."""
+    preferences = ",".join(request.headers.getlist("prefer")).lower()
+    return any(part.split(";")[0].split("=")[0].strip() == "respond-async" for part in preferences.split(","))
+
+
+async def _submit(services: Services, job: Job, form: EditForm, extra: dict[str, str], owner: str | None,
+                  base_url: str) -> JSONResponse:
+    """Keep the job's inputs, record it pending, start it in the background, and answer 202."""
+    tracker = services.tracker
+    inputs = tracker.input_path(job.request_id)
+    await asyncio.to_thread(_keep_input, inputs, job.image.data)
+    spec = {"form": form.model_dump(exclude_none=True), "extra": extra, "filename": job.image.filename,
+            "base_url": base_url}
+    await tracker.begin(job.request_id, owner, form.model, background=True, webhook_url=form.webhook_url, job=spec)
+    _start(services, job, base_url)
+    row = await tracker.get(job.request_id, owner, every_owner=True)
+    accepted = AsyncAccepted(id=row.id, status=row.status, created=int(row.created), model=row.model)
+    return JSONResponse(accepted.model_dump(), status_code=202,
+                        headers={"Location": f"/v1/requests/{row.id}", "Preference-Applied": "respond-async",
+                                 "X-Loupe-Model": job.requested_model})
+
+
+def _keep_input(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, data)
+
+
+def _start(services: Services, job: Job, base_url: str) -> None:
+    async def work(cancel: threading.Event, started: Callable[[], Awaitable[None]]) -> ImagesResponse:
+        while True:  # pending, a job waits its turn where a sync one would be told to come back later
+            try:
+                return await run(job, services, cancel, base_url, started)
+            except QueueFull as full:
+                await asyncio.sleep(full.retry_after_s or 1.0)
+
+    services.tracker.run_in_background(job.request_id, work)
+
+
+async def resume_pending(services: Services) -> None:
+    """At start-up: the last process's running requests are marked failed; its pending async ones start again."""
+    for row in await services.tracker.recover():
+        try:
+            job, base_url = await _rebuild(services, row)
+        except LoupeError as error:
+            await services.tracker.failed(row.id, error)
+            continue
+        _start(services, job, base_url)
+
+
+async def _rebuild(services: Services, row: RequestRow) -> tuple[Job, str]:
+    """A pending request's job, from the form and the image bytes kept when it was accepted."""
+    spec = row.job or {}
+    try:
+        data = await asyncio.to_thread(services.tracker.input_path(row.id).read_bytes)
+        form = EditForm.model_validate(spec["form"])
+    except (OSError, KeyError, ValidationError):
+        raise InternalError("the server restarted and could not find this request's kept inputs; send it again",
+                            code="INPUTS_LOST") from None
+    entry = await asyncio.to_thread(_resolve_model, form.model, services)
+    source = await asyncio.to_thread(imagework.source_image, data, spec.get("filename", "image"),
+                                     services.settings.max_input_pixels)
+    return _build_job(row.id, form, entry, source, spec.get("extra", {})), spec["base_url"]
 
 
 def _images_body(response: ImagesResponse) -> Iterator[bytes]:

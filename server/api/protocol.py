@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.jobs import parse_size
-
+from server.request_store import Status as RequestStatus
 
 
 class EditForm(BaseModel):
@@ -29,6 +29,8 @@ class EditForm(BaseModel):
     n: int = Field(default=1, ge=1, le=10)
     user: str | None = Field(default=None, max_length=256)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    webhook_url: str | None = Field(default=None, description="Run async (answered 202) and POST the request "
+                                    "object here, signed per Standard Webhooks, when it ends")
 
     @field_validator("scale_factor")
     @classmethod
@@ -123,3 +125,53 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class AsyncAccepted(BaseModel):
+    """The 202 answer to an async edit; its status is then at `GET /v1/requests/{id}`."""
+
+    id: str
+    object: Literal["image.request"] = "image.request"
+    status: RequestStatus
+    created: int
+    model: str
+
+
+class WebhookAttempt(BaseModel):
+    attempt: int
+    at: float
+    seconds: float
+    status_code: int | None
+    error: str | None
+    delivered: bool
+
+
+class RequestObject(BaseModel):
+    """A request's record: `result` is the body a sync edit returns, `error` an OpenAI error object."""
+
+    id: str
+    object: Literal["image.request"] = "image.request"
+    status: RequestStatus
+    created: int
+    started_at: int | None
+    completed_at: int | None
+    model: str
+    executed_model: str | None
+    provider: str | None
+    cost: float | None
+    result: dict[str, Any] | None
+    error: ErrorDetail | None
+    webhook_url: str | None = None
+    webhook_attempts: list[WebhookAttempt] = []
+
+
+class RequestList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[RequestObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class WebhookSecret(BaseModel):
+    secret: str

@@ -1,0 +1,375 @@
+"""Async edits, the requests API and signed webhooks, against the real app on a fake engine, over real HTTP.
+
+A webhook receiver is a real HTTP server on 127.0.0.1 (so these servers allow private URLs, as a test
+must); signatures are checked with the `standardwebhooks` package, as a receiver would.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI, Request, Response
+from PIL import Image
+from standardwebhooks import Webhook
+
+from server.app import create_app
+from server.config import SettingsError
+from server.errors import InternalError
+from server.request_store import MIGRATIONS, RequestRow, RequestStore
+from tests import photos
+from tests.conftest import loupe_settings
+from tests.fake_engine import FakeEngine
+from tests.servers import free_port, serve
+
+MODEL = "realesrgan-x4plus"
+
+
+def png(size: tuple[int, int] = (32, 24)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, "teal").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class Receiver:
+    """A webhook receiver: answers each POST with the next status of `statuses` (then 200), or hangs."""
+
+    def __init__(self, statuses: list[int] | None = None, hang_s: float = 0.0) -> None:
+        self.statuses = list(statuses or [])
+        self.hang_s = hang_s
+        self.calls: list[tuple[dict[str, str], bytes, float]] = []
+        self.app = FastAPI()
+        self.app.post("/hook")(self._hook)
+        self.url = ""
+
+    async def _hook(self, request: Request) -> Response:
+        self.calls.append((dict(request.headers), await request.body(), time.monotonic()))
+        if self.hang_s:
+            import asyncio
+            await asyncio.sleep(self.hang_s)
+        return Response(status_code=self.statuses.pop(0) if self.statuses else 200)
+
+    def wait_for(self, count: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.calls) < count:
+            assert time.monotonic() < deadline, f"{len(self.calls)} webhook calls, expected {count}"
+            time.sleep(0.02)
+
+
+@contextmanager
+def loupe(tmp_path: Path, engine: FakeEngine | None = None, **overrides: object) -> Iterator[httpx.Client]:
+    settings = loupe_settings(Path("weights"), tmp_path / "data",
+                              **{"allow_private_urls": True, "webhook_retry_s": [0.05, 0.1, 0.2], **overrides})
+    fake = engine or FakeEngine(settings)
+    with serve(create_app(settings, lambda _: fake)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+def submit(client: httpx.Client, headers: dict[str, str] | None = None, **fields: str) -> httpx.Response:
+    return client.post("/v1/images/edits", data={"model": MODEL, **fields}, files={"image": ("a.png", png())},
+                       headers=headers or {})
+
+
+def wait_status(client: httpx.Client, request_id: str, *statuses: str, headers: dict[str, str] | None = None,
+                timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get(f"/v1/requests/{request_id}", headers=headers or {}).json()
+        if body["status"] in statuses:
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.02)
+
+
+def test_an_async_edit_is_accepted_runs_and_posts_its_signed_result(tmp_path: Path) -> None:
+    receiver = Receiver()
+    with serve(receiver.app) as receiver_url, loupe(tmp_path) as client:
+        accepted = submit(client, webhook_url=f"{receiver_url}/hook")
+
+        assert accepted.status_code == 202
+        body = accepted.json()
+        assert body | {"created": 0} == {"id": body["id"], "object": "image.request", "status": "pending",
+                                         "created": 0, "model": MODEL}
+        assert accepted.headers["location"] == f"/v1/requests/{body['id']}"
+        done = wait_status(client, body["id"], "completed")
+        assert done["result"]["size"] == "128x96" and done["result"]["data"][0]["url"].startswith("http://")
+        assert done["executed_model"] == f"fake/{MODEL}" and done["provider"] == "local" and done["error"] is None
+        assert done["created"] <= done["started_at"] <= done["completed_at"]
+        assert client.get(done["result"]["data"][0]["url"]).status_code == 200
+
+        receiver.wait_for(1)
+        headers, payload, _ = receiver.calls[0]
+        secret = client.get("/v1/webhooks/secret").json()["secret"]
+        assert secret.startswith("whsec_")
+        delivered = Webhook(secret).verify(payload, headers)
+        assert delivered["id"] == body["id"] and delivered["status"] == "completed"
+        assert delivered["result"] == done["result"]
+        assert headers["webhook-id"] == f"msg_{body['id']}"
+        with pytest.raises(Exception):
+            Webhook("whsec_" + "A" * 43 + "=").verify(payload, headers)  # another secret does not verify
+        attempts = wait_status(client, body["id"], "completed")["webhook_attempts"]
+        assert [(a["attempt"], a["status_code"], a["delivered"]) for a in attempts] == [(1, 200, True)]
+
+
+def test_prefer_respond_async_runs_in_the_background_without_a_webhook(tmp_path: Path) -> None:
+    with loupe(tmp_path) as client:
+        accepted = submit(client, headers={"Prefer": "wait=5, respond-async"})
+        assert accepted.status_code == 202 and accepted.headers["preference-applied"] == "respond-async"
+        done = wait_status(client, accepted.json()["id"], "completed")
+        assert done["webhook_url"] is None and done["webhook_attempts"] == []
+
+
+def test_a_failing_receiver_is_retried_and_every_attempt_is_recorded(tmp_path: Path) -> None:
+    receiver = Receiver(statuses=[500, 503])
+    with serve(receiver.app) as receiver_url, loupe(tmp_path) as client:
+        request_id = submit(client, webhook_url=f"{receiver_url}/hook").json()["id"]
+        receiver.wait_for(3)
+        ids = {headers["webhook-id"] for headers, _, _ in receiver.calls}
+        assert ids == {f"msg_{request_id}"}  # one message, retried: receivers can drop the duplicates
+        gaps = [later[2] - earlier[2] for earlier, later in zip(receiver.calls, receiver.calls[1:])]
+        assert gaps[0] >= 0.05 and gaps[1] >= 0.1
+        deadline = time.monotonic() + 10
+        while len(attempts := client.get(f"/v1/requests/{request_id}").json()["webhook_attempts"]) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert [(a["status_code"], a["delivered"]) for a in attempts] == [(500, False), (503, False), (200, True)]
+        assert client.get(f"/v1/requests/{request_id}").json()["status"] == "completed"  # the result is kept
+
+
+def test_a_receiver_that_hangs_delays_no_other_job(tmp_path: Path) -> None:
+    receiver = Receiver(hang_s=5)
+    with serve(receiver.app) as receiver_url, loupe(tmp_path, webhook_timeout_s=0.3, webhook_retry_s=[]) as client:
+        first = submit(client, webhook_url=f"{receiver_url}/hook").json()["id"]
+        receiver.wait_for(1)
+        started = time.monotonic()
+        assert submit(client).status_code == 200  # while the receiver still holds the first one's webhook
+        assert time.monotonic() - started < 3
+        attempts = wait_status(client, first, "completed")["webhook_attempts"]
+        deadline = time.monotonic() + 10
+        while not attempts:
+            assert time.monotonic() < deadline
+            attempts = client.get(f"/v1/requests/{first}").json()["webhook_attempts"]
+        assert attempts[0]["error"] == "no answer within 0.3 s" and not attempts[0]["delivered"]
+
+
+@pytest.mark.parametrize("url, message", [
+    ("ftp://example.org/hook", "webhook_url must use http or https"),
+    ("http://example.org/" + "a" * 2100, "webhook_url is longer than 2048 characters"),
+    ("not a url", "webhook_url must be absolute"),
+    ("http://10.1.2.3/hook", "non-public address (private)"),
+    ("http://127.0.0.1:9/hook", "non-public address (loopback)"),
+])
+def test_a_bad_webhook_url_is_a_400_at_once(url: str, message: str, tmp_path: Path) -> None:
+    engine = FakeEngine(loupe_settings(Path("weights"), tmp_path))
+    with loupe(tmp_path, engine, allow_private_urls=False) as client:
+        refused = submit(client, webhook_url=url)
+        assert refused.status_code == 400
+        assert refused.headers["x-should-retry"] == "false"
+        error = refused.json()["error"]
+        assert error["param"] == "webhook_url" and message in error["message"]
+        assert engine.runs == 0
+        recorded = client.get(f"/v1/requests/{refused.headers['x-request-id']}").json()
+        assert recorded["status"] == "failed" and recorded["error"] == error
+
+
+def test_every_sync_edit_is_recorded_under_its_request_id_and_the_sdk_is_unchanged(tmp_path: Path) -> None:
+    with loupe(tmp_path) as client:
+        sdk = openai.OpenAI(base_url=f"{client.base_url}/v1", api_key="unused", max_retries=0)
+        result = sdk.images.edit(model=MODEL, image=("a.png", png()), prompt="",
+                                 extra_headers={"X-Request-Id": "sync-record-0001"},
+                                 extra_body={"response_format": "b64_json"})
+        assert result.data[0].b64_json
+        record = client.get("/v1/requests/sync-record-0001").json()
+        assert record["status"] == "completed" and record["result"]["size"] == result.size
+        assert record["result"]["data"] == [{"b64_json": None}]  # the caller has the image: no second copy
+
+        missing = submit(client, headers={"X-Request-Id": "sync-record-0002"}, model="no-such-model")
+        assert missing.status_code == 404
+        assert client.get("/v1/requests/sync-record-0002").json()["error"]["code"] == "MODEL_NOT_FOUND"
+
+
+def test_cancel_a_pending_and_a_processing_request(tmp_path: Path) -> None:
+    engine = FakeEngine(loupe_settings(Path("weights"), tmp_path), busy_for_s=0.05)  # every device is full
+    receiver = Receiver()
+    with serve(receiver.app) as receiver_url, loupe(tmp_path, engine) as client:
+        pending = submit(client, webhook_url=f"{receiver_url}/hook").json()["id"]
+        time.sleep(0.2)
+        assert client.get(f"/v1/requests/{pending}").json()["status"] == "pending"  # waiting its turn
+        cancelled = client.delete(f"/v1/requests/{pending}")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        receiver.wait_for(1)
+        assert json.loads(receiver.calls[0][1])["status"] == "cancelled"
+
+        engine.busy_for_s, engine.gate = None, threading.Event()  # a device takes the next one, and holds it
+        running = submit(client, headers={"Prefer": "respond-async"}).json()["id"]
+        wait_status(client, running, "processing")
+        assert client.delete(f"/v1/requests/{running}").json()["status"] == "cancelled"
+        engine.gate.set()
+        time.sleep(0.2)
+        after = client.get(f"/v1/requests/{running}").json()
+        assert after["status"] == "cancelled" and after["result"] is None and after["error"]["code"] == "CANCELLED"
+        assert client.delete(f"/v1/requests/{running}").json()["status"] == "cancelled"  # idempotent
+        assert client.delete("/v1/requests/no-such-request").status_code == 404
+
+
+def test_a_key_sees_only_its_own_requests(tmp_path: Path) -> None:
+    with loupe(tmp_path, api_keys=["key-a", "key-b"]) as client:
+        alice, bob = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+        mine = submit(client, headers={**alice, "Prefer": "respond-async"}).json()["id"]
+        wait_status(client, mine, "completed", headers=alice)
+        assert client.get(f"/v1/requests/{mine}", headers=bob).status_code == 404
+        assert client.delete(f"/v1/requests/{mine}", headers=bob).status_code == 404
+        assert client.get("/v1/requests", headers=bob).json()["data"] == []
+        assert [r["id"] for r in client.get("/v1/requests", headers=alice).json()["data"]] == [mine]
+        assert client.get("/v1/requests").status_code == 401
+        # An id another key used can't be taken over.
+        taken = submit(client, headers={**bob, "X-Request-Id": mine})
+        assert taken.status_code == 409 and taken.json()["error"]["code"] == "REQUEST_ID_IN_USE"
+
+
+def test_requests_are_listed_newest_first_by_pages_and_status(tmp_path: Path) -> None:
+    engine = FakeEngine(loupe_settings(Path("weights"), tmp_path))
+    with loupe(tmp_path, engine) as client:
+        ids = [f"listed-request-{index}" for index in range(5)]
+        for request_id in ids:
+            assert submit(client, headers={"X-Request-Id": request_id}).status_code == 200
+        engine.fail_with = InternalError("the disk refused the result")
+        assert submit(client, headers={"X-Request-Id": "listed-failure"}).status_code == 500
+
+        first = client.get("/v1/requests", params={"limit": 2}).json()
+        assert [r["id"] for r in first["data"]] == ["listed-failure", ids[4]] and first["has_more"]
+        second = client.get("/v1/requests", params={"limit": 3, "after": first["last_id"]}).json()
+        assert [r["id"] for r in second["data"]] == [ids[3], ids[2], ids[1]] and second["has_more"]
+        last = client.get("/v1/requests", params={"limit": 3, "after": second["last_id"]}).json()
+        assert [r["id"] for r in last["data"]] == [ids[0]] and not last["has_more"]
+        failed = client.get("/v1/requests", params={"status": "failed"}).json()["data"]
+        assert [(r["id"], r["error"]["type"]) for r in failed] == [("listed-failure", "server_error")]
+        for params in ({"limit": 0}, {"limit": 101}, {"status": "done"}):
+            assert client.get("/v1/requests", params=params).status_code == 400
+        assert client.get("/v1/requests", params={"after": "nobody"}).status_code == 404
+
+
+def test_sixteen_async_submissions_at_once_all_complete_with_distinct_ids(tmp_path: Path) -> None:
+    with loupe(tmp_path) as client:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _: submit(client, headers={"Prefer": "respond-async"}), range(16)))
+        assert [answer.status_code for answer in answers] == [202] * 16
+        ids = {answer.json()["id"] for answer in answers}
+        assert len(ids) == 16
+        for request_id in ids:
+            assert wait_status(client, request_id, "completed", "failed")["status"] == "completed"
+
+
+# The store on its own: schema, expiry, start-up faults.
+
+def test_records_expire_with_their_results_but_never_while_running(tmp_path: Path) -> None:
+    store = RequestStore(tmp_path / "loupe.db")
+    now = time.time()
+    for request_id, status, ended in (("old", "completed", now - 100), ("fresh", "failed", now - 1),
+                                      ("running", "processing", None), ("waiting", "pending", None)):
+        store.insert(RequestRow(id=request_id, owner=None, status=status, created=now - 200, completed_at=ended,
+                                model=MODEL, background=True))
+    assert store.expire(ttl_s=50, now=now) == 1
+    assert store.get("old") is None
+    assert {row.id for row in store.with_status("processing", "pending", "failed")} == {"fresh", "running", "waiting"}
+    assert store.schema_version == len(MIGRATIONS)
+    assert sqlite3.connect(tmp_path / "loupe.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_corrupt_or_newer_database_is_a_start_up_error_naming_the_file(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(SettingsError, match=str(corrupt)):
+        RequestStore(corrupt)
+    newer = tmp_path / "newer.db"
+    sqlite3.connect(newer).execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(SettingsError, match="newer than this Loupe"):
+        RequestStore(newer)
+    directory = tmp_path / "a-folder.db"
+    directory.mkdir()
+    with pytest.raises(SettingsError, match=str(directory)):
+        RequestStore(directory)
+
+
+# A real server process, stopped and started on the same data dir.
+
+def _start_server(data_dir: Path, weights_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "LOUPE_WEIGHTS_DIR": str(weights_dir), "LOUPE_DATA_DIR": str(data_dir),
+           "LOUPE_DEVICE": "cpu", "LOUPE_TILE_SIZE": "32", "LOUPE_ALLOW_PRIVATE_URLS": "true",
+           "LOUPE_WEBHOOK_RETRY_S": "0.2,0.5"}
+    server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env=env)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.2)
+
+
+def _photo() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(photos.astronaut((96, 96))).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_records_survive_restarts_a_killed_job_fails_and_a_stopped_one_runs_again(
+        tmp_path: Path, weights_dir: Path) -> None:
+    receiver = Receiver()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with serve(receiver.app) as receiver_url:
+        def submit_slow(client: httpx.Client) -> str:
+            answer = client.post("/v1/images/edits", data={"model": MODEL, "webhook_url": f"{receiver_url}/hook"},
+                                 files={"image": ("photo.png", _photo())})
+            assert answer.status_code == 202, answer.text
+            return answer.json()["id"]
+
+        server = _start_server(tmp_path, weights_dir, port)
+        try:
+            with httpx.Client(base_url=url, timeout=30) as client:
+                killed = submit_slow(client)
+                wait_status(client, killed, "processing", timeout=60)
+            server.kill()  # mid-run, as a crash would
+            server.wait(timeout=30)
+
+            server = _start_server(tmp_path, weights_dir, port)
+            with httpx.Client(base_url=url, timeout=30) as client:
+                record = wait_status(client, killed, "failed")
+                assert record["error"]["code"] == "INTERRUPTED" and "send it again" in record["error"]["message"]
+                receiver.wait_for(1)
+                assert json.loads(receiver.calls[0][1])["error"]["code"] == "INTERRUPTED"
+
+                stopped = submit_slow(client)
+                wait_status(client, stopped, "processing", timeout=60)
+                server.send_signal(signal.SIGTERM)  # a clean stop puts the running job back in the queue
+                assert server.wait(timeout=60) in (0, -signal.SIGTERM)
+
+            server = _start_server(tmp_path, weights_dir, port)
+            with httpx.Client(base_url=url, timeout=30) as client:
+                done = wait_status(client, stopped, "completed", timeout=120)
+                assert done["result"]["size"] == "384x384"
+                assert client.get(done["result"]["data"][0]["url"]).status_code == 200
+                assert client.get(f"/v1/requests/{killed}").json()["status"] == "failed"  # still on record
+                receiver.wait_for(2)
+                assert json.loads(receiver.calls[1][1])["status"] == "completed"
+        finally:
+            if server.poll() is None:
+                server.kill()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from server.storage import ResultStore
 from server.webhooks import Deliverer, load_secret
 
 STATIC_DIR = Path(__file__).parent / "static"
+log = logging.getLogger("loupe.app")
 _FORM_OVERHEAD_BYTES = 1 << 20
 
 
@@ -40,8 +42,11 @@ async def _sweep_results(store: ResultStore, records: RequestStore, ttl_s: float
     """Results and the records of the requests that made them expire together."""
     while True:
         await asyncio.sleep(every_s)
-        await asyncio.to_thread(store.sweep)
-        await asyncio.to_thread(records.expire, ttl_s)
+        try:
+            await asyncio.to_thread(store.sweep)
+            await asyncio.to_thread(records.expire, ttl_s)
+        except Exception:  # a failed sweep is tried again next time; the sweeper must not die of it
+            log.exception("expiring results and request records failed")
 
 
 def create_app(settings: Settings | None = None, engine_factory: Callable[[Settings], Engine] = LocalEngine) -> FastAPI:

@@ -139,14 +139,22 @@ class RequestStore:
 
     # Writes.
 
-    def insert(self, row: RequestRow) -> None:
+    def claim(self, row: RequestRow) -> bool:
+        """Insert `row`, or replace the record under its id if that one has ended and has the same owner; in one
+        statement, so two requests can't both take an id. Whether it was written."""
         values = _values(row)
+        final = ", ".join(f"'{status}'" for status in FINAL)
         with self._lock, self._transaction():
-            self._db.execute(f"INSERT OR REPLACE INTO requests ({', '.join(_COLUMNS)}) "
-                             f"VALUES ({', '.join('?' * len(_COLUMNS))})", [values[c] for c in _COLUMNS])
+            return self._db.execute(
+                f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+                f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _COLUMNS)} "
+                f"WHERE requests.owner IS excluded.owner AND requests.status IN ({final})",
+                [values[c] for c in _COLUMNS]).rowcount == 1
 
-    def update(self, request_id: str, *, only_if: tuple[Status, ...] | None = None, **changes: Any) -> bool:
-        """Set `changes` on the record; with `only_if`, only while its status is one of those. Whether it changed."""
+    def update(self, request_id: str, *, only_if: tuple[Status, ...] | None = None,
+               **changes: Any) -> RequestRow | None:
+        """Set `changes` on the record; with `only_if`, only while its status is one of those. The record as
+        changed, or None when it wasn't."""
         values = _values(RequestRow(id="", owner=None, status="pending", created=0, model="", background=False,
                                     **{k: v for k, v in changes.items() if k in _JSON_COLUMNS}))
         assignments = {name: (values[name] if name in _JSON_COLUMNS else value) for name, value in changes.items()}
@@ -156,7 +164,8 @@ class RequestStore:
             sql += f" AND status IN ({', '.join('?' * len(only_if))})"
             parameters += list(only_if)
         with self._lock, self._transaction():
-            return self._db.execute(sql, parameters).rowcount == 1
+            changed = self._db.execute(sql + f" RETURNING {', '.join(_COLUMNS)}", parameters).fetchone()
+        return _row(changed) if changed else None
 
     def add_webhook_attempt(self, request_id: str, attempt: dict[str, Any]) -> None:
         with self._lock, self._transaction():
@@ -197,6 +206,15 @@ class RequestStore:
         with self._lock:
             found = self._db.execute(sql, [*parameters, limit + 1]).fetchall()
         return [_row(values) for values in found[:limit]], len(found) > limit
+
+    def undelivered(self) -> list[RequestRow]:
+        """Ended requests with a webhook no attempt has delivered yet (a shutdown cut its retries short)."""
+        with self._lock:
+            found = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM requests WHERE webhook_url IS NOT NULL AND status IN "
+                f"({', '.join('?' * len(FINAL))}) AND NOT EXISTS (SELECT 1 FROM json_each(webhook_attempts) "
+                "WHERE json_extract(value, '$.delivered')) ORDER BY created, id", FINAL).fetchall()
+        return [_row(values) for values in found]
 
     def with_status(self, *statuses: Status) -> list[RequestRow]:
         with self._lock:

@@ -99,7 +99,8 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
 
 
 def run(settings: Settings) -> None:
-    configure_logging(settings.log_level, secrets=[*settings.api_keys, settings.fal_key, settings.gateway_key])
+    configure_logging(settings.log_level,
+                      secrets=[*settings.api_keys, settings.fal_key, settings.gateway_key, settings.webhook_secret])
     app = create_app(settings)
     config = uvicorn_config(app, settings)
     asyncio.run(_DrainingServer(config, app.state.admission, settings.request_timeout_s).serve())

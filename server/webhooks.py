@@ -84,8 +84,15 @@ class Deliverer:
         self.signer = Webhook(secret)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def send(self, url: str, message_id: str, body: dict[str, Any], record: Record) -> None:
-        task = asyncio.create_task(self._deliver(url, message_id, json.dumps(body, separators=(",", ":")), record))
+    @property
+    def attempts(self) -> int:
+        """How many times one message is tried: once, then once per retry delay."""
+        return 1 + len(self.settings.webhook_retry_s)
+
+    def send(self, url: str, message_id: str, body: dict[str, Any], record: Record, done: int = 0) -> None:
+        """Deliver `body` in the background; `done` attempts were made before (by a process that stopped)."""
+        payload = json.dumps(body, separators=(",", ":"))
+        task = asyncio.create_task(self._deliver(url, message_id, payload, record, done))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -96,9 +103,9 @@ class Deliverer:
             for task in pending:
                 task.cancel()
 
-    async def _deliver(self, url: str, message_id: str, body: str, record: Record) -> None:
-        delays = [0.0, *self.settings.webhook_retry_s]
-        for attempt, delay in enumerate(delays, start=1):
+    async def _deliver(self, url: str, message_id: str, body: str, record: Record, done: int) -> None:
+        delays = [0.0, *self.settings.webhook_retry_s[done:]]  # the first try of a resumed delivery goes at once
+        for attempt, delay in enumerate(delays, start=done + 1):
             await asyncio.sleep(delay)
             began = time.time()
             status, error = await self._attempt(url, message_id, body)
@@ -134,9 +141,3 @@ class Deliverer:
             return None, f"no answer within {timeout:g} s"
         except httpx.HTTPError as failure:
             return None, f"{type(failure).__name__}: {failure}"
-
-
-def message_id(request_id: str) -> str:
-    """The webhook-id of a request's one message: the same on every retry, so receivers can drop duplicates."""
-    return f"msg_{request_id}"
-

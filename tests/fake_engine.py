@@ -18,7 +18,7 @@ from server.catalog import ModelEntry
 from server.config import Settings
 from server.engine.planning import PictureFacts
 from server.engine.precision import Execution
-from server.errors import QueueFull
+from server.errors import Cancelled, QueueFull
 from server.imaging import Picture, resize
 
 
@@ -96,6 +96,8 @@ class FakeEngine:
         self.started.set()
         if self.gate is not None:
             while not self.gate.is_set():
+                if cancel is not None and cancel.is_set():  # as the real engine does, at its next tile
+                    raise Cancelled("the run was cancelled")
                 await asyncio.sleep(0.01)
         if self.fail_with is not None:
             raise self.fail_with

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from server.serving import Services, dry_run, run
 from server.storage import write_atomically
 
 router = APIRouter()
+log = logging.getLogger("loupe.requests")
 
 _KNOWN_FIELDS = set(EditForm.model_fields) | {"image", "image[]"}
 _MAX_FIELDS = 64
@@ -79,6 +81,10 @@ async def _edit(request: Request, services: Services, dry_run_flag: bool) -> Res
         request.state.model_label = entry.id if entry.local is not None or catalog.find(entry.id) else "(gateway)"
         source = await _load_image(image_field, settings)
         job = _build_job(request_id, form, entry, source, extra)
+        background = form.webhook_url is not None or _prefers_async(request)
+        if background and form.response_format == "b64_json":
+            raise InvalidInput("an async request's result is kept and sent by URL: drop response_format=b64_json, "
+                               "or send the edit synchronously", "response_format")
         if form.webhook_url is not None:
             await webhooks.check_url(form.webhook_url, settings)
     except LoupeError as error:
@@ -92,10 +98,10 @@ async def _edit(request: Request, services: Services, dry_run_flag: bool) -> Res
         request.state.provider = headers["X-Loupe-Provider"] = planned.provider
         return JSONResponse(planned.model_dump(), headers=headers)
     base_url = (settings.public_url or str(request.base_url)).rstrip("/")
-    if form.webhook_url is not None or _prefers_async(request):
+    if background:
         return await _submit(services, job, form, extra, owner, base_url)
-    await services.tracker.begin(request_id, owner, form.model)
-    cancel = threading.Event()
+    cancel = threading.Event()  # set by the client going away, the deadline, or DELETE /v1/requests/{id}
+    await services.tracker.begin(request_id, owner, form.model, cancel=cancel)
     try:
         response = await _run_until_disconnect(request, run(job, services, cancel, base_url), cancel, settings)
     except BaseException as error:
@@ -116,13 +122,17 @@ async def _submit(services: Services, job: Job, form: EditForm, extra: dict[str,
                   base_url: str) -> JSONResponse:
     """Keep the job's inputs, record it pending, start it in the background, and answer 202."""
     tracker = services.tracker
-    inputs = tracker.input_path(job.request_id)
-    await asyncio.to_thread(_keep_input, inputs, job.image.data)
     spec = {"form": form.model_dump(exclude_none=True), "extra": extra, "filename": job.image.filename,
             "base_url": base_url}
-    await tracker.begin(job.request_id, owner, form.model, background=True, webhook_url=form.webhook_url, job=spec)
+    row = await tracker.begin(job.request_id, owner, form.model, webhook_url=form.webhook_url, job=spec)
+    try:  # only once the id is this request's: another's kept image is never overwritten
+        await asyncio.to_thread(_keep_input, tracker.input_path(job.request_id), job.image.data)
+    except OSError as error:
+        failure = InternalError(f"the server could not keep the request's image ({error.strerror}); try again "
+                                "later or tell the operator", code="STORAGE_UNAVAILABLE")
+        await tracker.failed(job.request_id, failure)
+        raise failure from None
     _start(services, job, base_url)
-    row = await tracker.get(job.request_id, owner, every_owner=True)
     accepted = AsyncAccepted(id=row.id, status=row.status, created=int(row.created), model=row.model)
     return JSONResponse(accepted.model_dump(), status_code=202,
                         headers={"Location": f"/v1/requests/{row.id}", "Preference-Applied": "respond-async",
@@ -150,7 +160,9 @@ async def resume_pending(services: Services) -> None:
     for row in await services.tracker.recover():
         try:
             job, base_url = await _rebuild(services, row)
-        except LoupeError as error:
+        except Exception as error:  # that one request fails; the server starts, and the others run
+            if not isinstance(error, LoupeError):
+                log.exception("request %s could not be resumed", row.id)
             await services.tracker.failed(row.id, error)
             continue
         _start(services, job, base_url)
@@ -162,13 +174,14 @@ async def _rebuild(services: Services, row: RequestRow) -> tuple[Job, str]:
     try:
         data = await asyncio.to_thread(services.tracker.input_path(row.id).read_bytes)
         form = EditForm.model_validate(spec["form"])
+        base_url = str(spec["base_url"])
     except (OSError, KeyError, ValidationError):
         raise InternalError("the server restarted and could not find this request's kept inputs; send it again",
                             code="INPUTS_LOST") from None
     entry = await asyncio.to_thread(_resolve_model, form.model, services)
     source = await asyncio.to_thread(imagework.source_image, data, spec.get("filename", "image"),
                                      services.settings.max_input_pixels)
-    return _build_job(row.id, form, entry, source, spec.get("extra", {})), spec["base_url"]
+    return _build_job(row.id, form, entry, source, spec.get("extra", {})), base_url
 
 
 def _images_body(response: ImagesResponse) -> Iterator[bytes]:

@@ -19,8 +19,8 @@ from typing import Any
 from server.api.errors import error_object
 from server.api.protocol import ImagesResponse, RequestObject
 from server.errors import Cancelled, Conflict, LoupeError, NotFound
-from server.request_store import FINAL, RequestRow, RequestStore
-from server.webhooks import Deliverer, message_id
+from server.request_store import FINAL, RequestRow, RequestStore, Status
+from server.webhooks import Deliverer
 
 log = logging.getLogger("loupe.requests")
 
@@ -35,6 +35,9 @@ CANCELLED = {"message": "the request was cancelled", "type": "invalid_request_er
 
 @dataclass
 class _Running:
+    """A request running in this process: its cancel flag, and its task when it runs in the background."""
+
+    background: bool
     cancel: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task[None] | None = None
 
@@ -49,36 +52,34 @@ class Tracker:
 
     # Every edit.
 
-    async def begin(self, request_id: str, owner: str | None, model: str, *, background: bool = False,
-                    webhook_url: str | None = None, job: dict[str, Any] | None = None) -> None:
-        """The record of a request that starts now: "processing" for a sync edit, "pending" for an async one.
-
-        An id may be reused by the key that used it, once its request has ended; never by another key.
-        """
-        existing = await asyncio.to_thread(self.store.get, request_id)
-        if existing is not None and (existing.owner != owner or existing.status not in FINAL):
-            raise Conflict(f"the request id {request_id} is taken; send a fresh X-Request-Id",
-                           code="REQUEST_ID_IN_USE")
+    async def begin(self, request_id: str, owner: str | None, model: str, *, cancel: threading.Event | None = None,
+                    webhook_url: str | None = None, job: dict[str, Any] | None = None) -> RequestRow:
+        """The record of a request that starts now: "processing" for a sync edit (whose `cancel` flag DELETE
+        sets), "pending" for an async one (with its `job`). Conflict when the id is taken: an id may be
+        reused by the key that used it, once its request has ended; never by another key."""
+        background = job is not None
         now = time.time()
         row = RequestRow(id=request_id, owner=owner, status="pending" if background else "processing",
                          created=now, started_at=None if background else now, model=model, background=background,
                          webhook_url=webhook_url, job=job)
-        await asyncio.to_thread(self.store.insert, row)
+        if not await asyncio.to_thread(self.store.claim, row):
+            raise Conflict(f"the request id {request_id} is taken; send a fresh X-Request-Id",
+                           code="REQUEST_ID_IN_USE")
+        self._running[request_id] = _Running(background, cancel or threading.Event())
+        return row
 
     async def rejected(self, request_id: str, owner: str | None, model: str, error: LoupeError) -> None:
-        """The record of an edit refused before it began (its image, its model, its webhook URL)."""
-        existing = await asyncio.to_thread(self.store.get, request_id)
-        if existing is not None and (existing.owner != owner or existing.status not in FINAL):
-            return  # the id is another request's: the refusal is not recorded over it
+        """The record of an edit refused before it began (its image, its model, its webhook URL); not written
+        over another request's record."""
         now = time.time()
-        await asyncio.to_thread(self.store.insert, RequestRow(
+        await asyncio.to_thread(self.store.claim, RequestRow(
             id=request_id, owner=owner, status="failed", created=now, completed_at=now, model=model,
             background=False, error=error_object(error)))
 
     async def completed(self, request_id: str, response: ImagesResponse) -> None:
         result = response.model_dump(exclude_none=True)
-        row = await asyncio.to_thread(self.store.get, request_id)
-        if row is not None and not row.background:
+        running = self._running.get(request_id)
+        if running is not None and not running.background:
             # A sync caller has its b64_json images in hand: the record keeps their place, not another copy.
             result["data"] = [{**item, "b64_json": None} if "b64_json" in item else item for item in result["data"]]
         metadata = response.metadata
@@ -86,29 +87,28 @@ class Tracker:
                         provider=metadata.provider, cost=metadata.cost)
 
     async def failed(self, request_id: str, error: BaseException) -> None:
-        if isinstance(error, Cancelled) or isinstance(error, asyncio.CancelledError):
+        if isinstance(error, (Cancelled, asyncio.CancelledError)):
             await self._end(request_id, "cancelled", error=CANCELLED)
         else:
             await self._end(request_id, "failed", error=error_object(error))
 
-    async def _end(self, request_id: str, status: str, **changes: Any) -> None:
+    async def _end(self, request_id: str, status: Status, **changes: Any) -> None:
+        """The request's end, recorded once (whichever of its run and a cancel comes first), then announced."""
+        self._running.pop(request_id, None)
         ended = await asyncio.to_thread(self.store.update, request_id, only_if=("pending", "processing"),
                                         status=status, completed_at=time.time(), job=None, **changes)
-        self._input(request_id).unlink(missing_ok=True)
-        if ended:
-            await self._notify(request_id)
+        self.input_path(request_id).unlink(missing_ok=True)
+        if ended is not None:
+            self._notify(ended)
 
     # Async edits.
 
     def input_path(self, request_id: str) -> Path:
-        return self._input(request_id)
-
-    def _input(self, request_id: str) -> Path:
         return self.inputs / f"{request_id}.input"
 
     def run_in_background(self, request_id: str, work: Work) -> None:
         """Run `work` (the job) in a task of its own, recording its start and its end."""
-        running = self._running[request_id] = _Running()
+        running = self._running.setdefault(request_id, _Running(background=True))
         running.task = asyncio.create_task(self._background(request_id, work, running))
 
     async def _background(self, request_id: str, work: Work, running: _Running) -> None:
@@ -119,6 +119,8 @@ class Tracker:
 
         try:
             response = await work(running.cancel, started)
+            # Shielded: a cancel arriving now can't cut the record short; the first ending recorded stands.
+            await asyncio.shield(self.completed(request_id, response))
         except BaseException as error:  # every ending is recorded, then a cancellation re-raised
             if self._closing:  # stopped by the shutdown, not by its client: it runs again after the restart
                 await asyncio.shield(asyncio.to_thread(self.store.update, request_id, only_if=("processing",),
@@ -129,32 +131,26 @@ class Tracker:
                 raise
             if not isinstance(error, LoupeError):
                 log.exception("async request %s failed", request_id)
-        else:
-            await self.completed(request_id, response)
-        finally:
-            self._running.pop(request_id, None)
 
     async def cancel(self, request_id: str, owner: str | None, every_owner: bool) -> RequestObject:
         """Cancel a pending or running request: the engine stops at its next tile, a remote job is cancelled
         upstream where its provider allows it. A request that has already ended is returned as it is."""
         row = await self.get(request_id, owner, every_owner)
-        if row.status in FINAL:
-            return self.describe(row)
-        running = self._running.get(request_id)
-        if running is not None:
-            running.cancel.set()
-            if running.task is not None:
-                running.task.cancel()
-                await asyncio.gather(running.task, return_exceptions=True)
-        await self._end(request_id, "cancelled", error=CANCELLED)
+        if row.status not in FINAL:
+            running = self._running.get(request_id)
+            if running is not None:
+                running.cancel.set()
+                if running.task is not None:
+                    running.task.cancel()
+                    await asyncio.gather(running.task, return_exceptions=True)
+            await self._end(request_id, "cancelled", error=CANCELLED)
         return self.describe(await self.get(request_id, owner, every_owner))
 
     async def close(self) -> None:
-        """At shutdown: stop the jobs running here and put them back to pending, to run after a restart."""
+        """At shutdown: stop the jobs running in the background here and put them back to pending, to run after
+        a restart."""
         self._closing = True
         tasks = [running.task for running in self._running.values() if running.task is not None]
-        for running in self._running.values():
-            running.cancel.set()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -162,23 +158,27 @@ class Tracker:
     # After a restart.
 
     async def recover(self) -> list[RequestRow]:
-        """Mark the requests the last process left running as failed; the async ones it left pending, to run."""
+        """Resend the webhooks the last process left undelivered, fail the requests it left running (which sends
+        theirs), and return the async requests it left pending, to run."""
+        for row in await asyncio.to_thread(self.store.undelivered):
+            if len(row.webhook_attempts) < self.deliverer.attempts:
+                self._notify(row)
         for row in await asyncio.to_thread(self.store.with_status, "processing"):
             await self._end(row.id, "failed", error=INTERRUPTED)
         return await asyncio.to_thread(self.store.with_status, "pending")
 
     # Reads.
 
-    async def page(self, owner: str | None, *, status: str | None, limit: int, after: str | None,
-                   every_owner: bool) -> tuple[list[RequestRow], bool]:
-        return await asyncio.to_thread(self.store.page, owner, status=status, limit=limit, after=after,
-                                       every_owner=every_owner)
-
     async def get(self, request_id: str, owner: str | None, every_owner: bool) -> RequestRow:
         row = await asyncio.to_thread(self.store.get, request_id)
         if row is None or (not every_owner and row.owner != owner):
             raise NotFound(f"no request {request_id}", "request_id", code="REQUEST_NOT_FOUND")
         return row
+
+    async def page(self, owner: str | None, *, status: Status | None, limit: int, after: str | None,
+                   every_owner: bool) -> tuple[list[RequestRow], bool]:
+        return await asyncio.to_thread(self.store.page, owner, status=status, limit=limit, after=after,
+                                       every_owner=every_owner)
 
     @staticmethod
     def describe(row: RequestRow) -> RequestObject:
@@ -187,16 +187,18 @@ class Tracker:
                              provider=row.provider, cost=row.cost, result=row.result, error=row.error,
                              webhook_url=row.webhook_url, webhook_attempts=row.webhook_attempts)
 
-    async def _notify(self, request_id: str) -> None:
-        row = await asyncio.to_thread(self.store.get, request_id)
-        if row is None or row.webhook_url is None:
+    def _notify(self, row: RequestRow) -> None:
+        if row.webhook_url is None:
             return
         body = self.describe(row).model_dump(exclude={"webhook_attempts"})
+        request_id = row.id
 
         async def record(attempt: dict[str, Any]) -> None:
             await asyncio.to_thread(self.store.add_webhook_attempt, request_id, attempt)
 
-        self.deliverer.send(row.webhook_url, message_id(request_id), body, record)
+        # One message id per request record (a reused request id starts a new one), the same on every retry.
+        message_id = f"msg_{row.id}_{int(row.created * 1000)}"
+        self.deliverer.send(row.webhook_url, message_id, body, record, done=len(row.webhook_attempts))
 
 
 def _second(value: float | None) -> int | None:

@@ -1,7 +1,7 @@
 """Turn finished images into what the client asked for: stored URLs or base64, in its format.
 
-Local results arrive as pictures; remote ones as encoded bytes, which are kept
-as they are when they already match the requested format and re-encoded when not.
+Local results arrive encoded in the requested format; remote ones as the provider made
+them, kept as they are when they already match the requested format and re-encoded when not.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from server import imagework, imaging
 from server.api.protocol import ImageData
 from server.errors import InvalidInput
-from server.imaging import Picture
 from server.jobs import Job
 from server.storage import ResultStore
 
@@ -39,10 +38,10 @@ def _convert_remote(data: bytes, job: Job, max_pixels: int) -> tuple[bytes, tupl
     return encoded, (picture.width, picture.height)
 
 
-async def publish_pictures(pictures: list[Picture], job: Job, store: ResultStore, base_url: str) -> Published:
-    """Encode each distinct picture once (a deterministic model's n copies share one file)."""
-    blobs = await asyncio.to_thread(imagework.encode, pictures, job.output_format, job.output_compression)
-    return Published(await _deliver(blobs, job, store, base_url), (pictures[0].width, pictures[0].height))
+async def publish_local(images: list[bytes], size: tuple[int, int], job: Job, store: ResultStore,
+                        base_url: str) -> Published:
+    """The engine's encoded results (a deterministic model's n copies share one object, stored once)."""
+    return Published(await _deliver(images, job, store, base_url), size)
 
 
 async def publish_remote(images: list[bytes], job: Job, store: ResultStore, base_url: str, max_pixels: int) -> Published:

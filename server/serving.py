@@ -5,23 +5,21 @@ progress reports; knows nothing of HTTP forms.
 """
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from server import imagework, imaging
 from server.api.protocol import CostComponent, DryRunResponse, ImagesResponse, Metadata
 from server.api.tracking import Tracker
 from server.config import Settings
-from server.engine.interface import Engine, Plan, Reservation
+from server.engine.interface import Engine, Reservation
 from server.engine.planning import PictureFacts
 from server.errors import QueueFull
 from server.jobs import Job
 from server.progress import ProgressHub
 from server.remote import RemoteProviders
-from server.results import Published, publish_pictures, publish_remote
+from server.results import Published, publish_local, publish_remote
 from server.routing import Route, choose_route, overflow_route
 from server.storage import ResultStore
 
@@ -85,30 +83,18 @@ async def _run_local(job: Job, services: Services, reservation: Reservation, can
                      base_url: str) -> tuple[Published, Metadata]:
     """The job on the place `reservation` holds, taken before the picture is decoded."""
     engine = services.engine
-    picture, plan = await _plan_local(job, services, reservation)
     report = services.progress.tile_reporter(job.request_id)
-    pictures = await engine.upscale(plan, picture, reservation=reservation, seed=job.seed, progress=report,
-                                    cancel=cancel)
-    if len(pictures) < job.n:  # a deterministic model: one result, n copies
-        pictures = pictures * job.n
+    upscaled = await engine.run(job, reservation=reservation, progress=report, cancel=cancel)
     services.progress.update(job.request_id, "encoding")
-    published = await publish_pictures(pictures, job, services.store, base_url)
+    published = await publish_local(upscaled.images, upscaled.size, job, services.store, base_url)
     metadata = Metadata(
         model=job.requested_model,
-        executed_model=plan.executed_model,
+        executed_model=upscaled.executed_model,
         provider="local",
         provider_name=f"Loupe ({engine.device_name})",
         cost=0.0,
     )
     return published, metadata
-
-
-async def _plan_local(job: Job, services: Services,
-                      reservation: Reservation | None = None) -> tuple[imaging.Picture, Plan]:
-    """The decoded picture and the engine's plan for it: the dry run and the run make them the same way."""
-    assert job.entry.local is not None
-    picture = await asyncio.to_thread(imagework.decode, job.image, services.settings.max_input_pixels)
-    return picture, services.engine.plan(job.entry, picture, job.target, job.n, reservation)
 
 
 async def _run_remote(job: Job, services: Services, route: Route, base_url: str) -> tuple[Published, Metadata]:
@@ -135,7 +121,7 @@ async def dry_run(job: Job, services: Services) -> DryRunResponse:
     route = choose_route(job, services.settings, services.engine, services.providers)
     size = f"{job.target[0]}x{job.target[1]}"
     if route.local:
-        _, plan = await _plan_local(job, services)
+        plan = await services.engine.plan_job(job)
         return DryRunResponse(
             model=job.requested_model,
             provider="local",

@@ -13,13 +13,15 @@ from typing import Any
 
 import torch
 
-from server import catalog
+from server import catalog, imagework
 from server.catalog import ModelEntry
 from server.config import Settings
+from server.engine.interface import Upscaled
 from server.engine.planning import PictureFacts
 from server.engine.precision import Execution
 from server.errors import Cancelled, QueueFull
 from server.imaging import Picture, resize
+from server.jobs import Job
 
 
 @dataclass
@@ -85,13 +87,15 @@ class FakeEngine:
         self.reservations.append(reservation)
         return reservation
 
-    def plan(self, entry: ModelEntry, picture: PictureFacts | Picture, target: tuple[int, int], n: int = 1,
-             reservation: Any = None) -> FakePlan:
-        assert entry.local is not None
-        return FakePlan(entry.id, target, n if entry.id == "aura-sr" else 1)  # the one model that samples noise
+    async def plan_job(self, job: Job) -> FakePlan:
+        assert job.entry.local is not None
+        # The one model that samples noise makes n images; the others, one image n times.
+        return FakePlan(job.entry.id, job.target, job.n if job.entry.id == "aura-sr" else 1)
 
-    async def upscale(self, plan: FakePlan, picture: Picture, *, reservation: Any = None, seed: int | None = None,
-                      progress: Any = None, cancel: threading.Event | None = None) -> list[Picture]:
+    async def run(self, job: Job, *, reservation: Any = None, progress: Any = None,
+                  cancel: threading.Event | None = None) -> Upscaled:
+        plan = await self.plan_job(job)
+        picture = imagework.decode(job.image, self.settings.max_input_pixels)
         self.runs += 1
         self.started.set()
         if self.gate is not None:
@@ -103,8 +107,9 @@ class FakeEngine:
             raise self.fail_with
         if progress is not None:
             progress(1, 1)
-        pixels = resize(picture.pixels, *plan.target)
-        return [Picture(pixels, picture.icc_profile) for _ in range(plan.images)]
+        pictures = [Picture(resize(picture.pixels, *plan.target), picture.icc_profile) for _ in range(plan.images)]
+        images = imagework.encode(pictures * (job.n // plan.images), job.output_format, job.output_compression)
+        return Upscaled(images, plan.target, plan.executed_model)
 
     def stats(self) -> dict[str, float | int | None]:
         return {"queue_depth": sum(not r.released for r in self.reservations), "tiles_processed": self.runs}

@@ -14,11 +14,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import ExifTags, Image, ImageCms
 
 from server import catalog
 from server.batch import Batch, Options
 from server.engine.runtime import LocalEngine
+from server.errors import OutOfDeviceMemory
+from server.imaging import Picture, resize
 from server.folders import collect, is_image_like
 from tests import photos
 from tests.conftest import loupe_settings
@@ -286,3 +289,55 @@ def test_images_are_told_from_junk_by_their_content() -> None:
     assert is_image_like(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00")  # an image Loupe can't read: a failure
     for junk in (b"\x00\x00\x00\x01Bud1\x00\x00", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", b"shot list\n", b""):
         assert not is_image_like(junk)
+
+
+class TwoDeviceEngine:
+    """The slice of `LocalEngine` a batch uses, over two fake devices of different speeds that resample instead
+    of upscaling; a file whose first pixel is 7 fails on either, as a file can run a device out of memory."""
+
+    devices = [torch.device("cpu", 0), torch.device("cpu", 1)]
+
+    def __init__(self) -> None:
+        self.ran_on: dict[str, torch.device] = {}
+        self.lock = threading.Lock()
+
+    def unavailable_reason(self, entry: object) -> None:
+        return None
+
+    def plan(self, entry: object, picture: Picture, target: tuple[int, int], n: int = 1, *,
+             device: torch.device) -> tuple[torch.device, tuple[int, int]]:
+        return device, target
+
+    def upscale_sync(self, plan: tuple[torch.device, tuple[int, int]], picture: Picture, *, seed: int | None,
+                     cancel: threading.Event) -> list[Picture]:
+        device, target = plan
+        time.sleep(0.01 * (1 + device.index))  # devices of different speeds: files finish out of order
+        with self.lock:
+            self.ran_on[int(picture.pixels[1, 1, 0])] = device
+        if picture.pixels[0, 0, 0] == 7:
+            raise OutOfDeviceMemory("the fake device ran out of memory")
+        return [Picture(resize(picture.pixels, *target))]
+
+
+def test_every_device_takes_files_and_every_file_ends_with_one_record(tmp_path: Path) -> None:
+    source, out = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    for index in range(12):
+        pixels = np.full((8, 10, 3), index * 20, np.uint8)
+        pixels[0, 0, 0] = 7 if index == 5 else 0
+        Image.fromarray(pixels).save(source / f"{index:02}.png")
+    (source / "notes.txt").write_text("junk")
+    settings = loupe_settings(Path("weights"), tmp_path / "data")
+    items, refused = collect([str(source)], out, None)
+    engine = TwoDeviceEngine()
+
+    report = Batch(engine, settings, Options(catalog.find(MODEL), scale=2), items, refused).run()  # type: ignore[arg-type]
+
+    assert [record.path for record in report.files] == sorted(str(item.source) for item in items)
+    statuses = {Path(record.path).name: record.status for record in report.files}
+    assert statuses.pop("notes.txt") == "skipped"
+    assert len(engine.ran_on) == 12 and set(engine.ran_on.values()) == set(TwoDeviceEngine.devices)
+    assert [name for name, status in statuses.items() if status != "upscaled"] == ["05.png"]
+    assert "ran out of memory" in next(r.reason for r in report.files if r.path.endswith("05.png"))
+    assert sorted(path.name for path in out.iterdir()) == sorted(f"{i:02}.png" for i in range(12) if i != 5)
+    assert (report.summary.upscaled, report.summary.failed, report.summary.files) == (11, 1, 13)

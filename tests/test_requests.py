@@ -5,6 +5,7 @@ must); signatures are checked with the `standardwebhooks` package, as a receiver
 """
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -27,10 +28,12 @@ from fastapi import FastAPI, Request, Response
 from PIL import Image
 from standardwebhooks import Webhook
 
+from server.api.tracking import Tracker
 from server.app import create_app
 from server.config import SettingsError
 from server.errors import InternalError
 from server.request_store import MIGRATIONS, RequestRow, RequestStore
+from server.webhooks import Deliverer, load_secret
 from tests import photos
 from tests.conftest import loupe_settings
 from tests.fake_engine import FakeEngine
@@ -59,7 +62,6 @@ class Receiver:
     async def _hook(self, request: Request) -> Response:
         self.calls.append((dict(request.headers), await request.body(), time.monotonic()))
         if self.hang_s:
-            import asyncio
             await asyncio.sleep(self.hang_s)
         return Response(status_code=self.statuses.pop(0) if self.statuses else 200)
 
@@ -386,3 +388,29 @@ def test_records_survive_restarts_a_killed_job_fails_and_a_stopped_one_runs_agai
         finally:
             if server.poll() is None:
                 server.kill()
+
+
+def test_a_webhook_a_shutdown_cut_short_is_resumed_at_the_next_start(tmp_path: Path) -> None:
+    receiver = Receiver()
+    store = RequestStore(tmp_path / "loupe.db")
+    with serve(receiver.app) as receiver_url:
+        now = time.time()
+        for request_id, attempts in (("cut-short", [{"attempt": 1, "at": now, "seconds": 30.0, "status_code": None,
+                                                     "error": "no answer within 30 s", "delivered": False}]),
+                                     ("given-up", [{"attempt": number, "at": now, "seconds": 0.1, "status_code": 500,
+                                                    "error": None, "delivered": False} for number in (1, 2)])):
+            store.claim(RequestRow(id=request_id, owner=None, status="completed", created=now, completed_at=now,
+                                   model=MODEL, background=True, webhook_url=f"{receiver_url}/hook",
+                                   webhook_attempts=attempts))
+        settings = loupe_settings(Path("weights"), tmp_path / "data", allow_private_urls=True, webhook_retry_s=[0.05])
+        tracker = Tracker(store, Deliverer(settings, load_secret(settings)), tmp_path / "inputs")
+
+        async def restart() -> None:
+            assert await tracker.recover() == []
+            await tracker.deliverer.drain(timeout_s=10)
+
+        asyncio.run(restart())
+
+    assert [json.loads(body)["id"] for _, body, _ in receiver.calls] == ["cut-short"]  # "given-up" had its 2 tries
+    attempts = store.get("cut-short").webhook_attempts
+    assert [(a["attempt"], a["delivered"]) for a in attempts] == [(1, False), (2, True)]

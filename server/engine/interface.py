@@ -1,20 +1,23 @@
 """The `Engine` protocol: what serving needs from whatever runs local jobs.
 
 `LocalEngine` (runtime.py) is the engine of a server; tests serve the same app over a fake one,
-and a cluster can put its own behind it. Serving never sees devices, models or tiles: it asks for
-a reservation from the picture's header, a plan from the decoded picture, and then the results.
+and a cluster can put its own behind it. Serving never sees devices, models, tiles or pixels: it asks
+for a reservation from the picture's header, then for the job's plan (the dry run) or its results. A
+job goes in with the client's encoded image and its results come back encoded, so an engine in another
+process (or on another machine) is sent files, never decoded pixels.
 """
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from server.catalog import ModelEntry
 from server.engine.custom import CustomModel
 from server.engine.planning import PictureFacts
 from server.engine.precision import Execution
-from server.imaging import Picture
+from server.jobs import Job
 
 Progress = Callable[[int, int], None]  # (tiles done, tiles in all)
 
@@ -39,6 +42,15 @@ class Plan(Protocol):
     def describe(self) -> dict[str, Any]:
         """The dry run's `plan`."""
         ...
+
+
+@dataclass(frozen=True)
+class Upscaled:
+    """A job's results, encoded in the job's output format: a deterministic model's `n` copies are one object."""
+
+    images: list[bytes]
+    size: tuple[int, int]  # of each image
+    executed_model: str
 
 
 class Engine(Protocol):
@@ -66,14 +78,14 @@ class Engine(Protocol):
         """A place for the job, from its header's facts; raises QueueFull when the budget is spent."""
         ...
 
-    def plan(self, entry: ModelEntry, picture: PictureFacts | Picture, target: tuple[int, int], n: int = 1,
-             reservation: Any = None) -> Plan:
-        """The job's plan, on the reservation's device when one is given."""
+    async def plan_job(self, job: Job) -> Plan:
+        """The plan the job would run (the dry run), from its decoded picture."""
         ...
 
-    async def upscale(self, plan: Any, picture: Picture, *, reservation: Any = None, seed: int | None = None,
-                      progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Picture]:
-        """The plan's `images` results, run as one job."""
+    async def run(self, job: Job, *, reservation: Any = None, progress: Progress | None = None,
+                  cancel: threading.Event | None = None) -> Upscaled:
+        """The job's `n` results, run as one job on the reservation's place. Cancelling the awaiting task or
+        setting `cancel` stops it, queued or between tiles."""
         ...
 
     def stats(self) -> dict[str, float | int | None]: ...

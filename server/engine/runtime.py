@@ -14,12 +14,13 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
-from server import catalog
+from server import catalog, imagework
 from server.catalog import MODELS, ModelEntry
 from server.config import Settings, SettingsError
 from server.engine import custom, openvino_backend, precision
 from server.engine.devices import DeviceWorker, Reservation
 from server.engine.executor import run_tiled
+from server.engine.interface import Upscaled
 from server.engine.models import (
     LoadedModel,
     ModelCache,
@@ -40,6 +41,7 @@ from server.engine.tiling import TilingSpec
 from server.engine.weights import MANIFEST
 from server.errors import ModelUnavailable
 from server.imaging import Picture
+from server.jobs import Job
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +193,23 @@ class LocalEngine:
             cancel.set()
             future.cancel()
             raise
+
+    async def plan_job(self, job: Job) -> JobPlan:
+        """The plan of `job` on the device with the least work reserved, from its decoded picture."""
+        picture = await asyncio.to_thread(imagework.decode, job.image, self.settings.max_input_pixels)
+        return self.plan(job.entry, picture, job.target, job.n)
+
+    async def run(self, job: Job, *, reservation: Reservation | None = None, progress: Progress | None = None,
+                  cancel: threading.Event | None = None) -> Upscaled:
+        """The job from its encoded image to its encoded results: decode, plan, upscale, encode."""
+        picture = await asyncio.to_thread(imagework.decode, job.image, self.settings.max_input_pixels)
+        plan = self.plan(job.entry, picture, job.target, job.n, reservation)
+        pictures = await self.upscale(plan, picture, reservation=reservation, seed=job.seed, progress=progress,
+                                      cancel=cancel)
+        if len(pictures) < job.n:  # a deterministic model: one result, n copies
+            pictures = pictures * job.n
+        images = await asyncio.to_thread(imagework.encode, pictures, job.output_format, job.output_compression)
+        return Upscaled(images, (pictures[0].width, pictures[0].height), plan.executed_model)
 
     def upscale_sync(self, plan: JobPlan, picture: Picture, *, seed: int | None = None,
                      progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Picture]:

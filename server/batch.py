@@ -5,7 +5,7 @@
 Each stage is a set of threads (as many as there are devices) joined to the next by a queue holding one
 picture per device, so a batch holds a few pictures at most, and one file's decode and encode overlap
 another's model run. The steps of each file are the ones HTTP takes (`imagework`, `resolve_target`,
-`local_blocker`, `Engine.plan` / `upscale_sync`).
+`local_blocker`, `LocalEngine.plan` / `upscale_sync`).
 
 The steps of one file are `FileWork`'s, apart from the pipeline, so that any other scheduler of files (the
 Ray Data batch) calls the same ones and makes the same records.

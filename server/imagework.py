@@ -1,6 +1,6 @@
 """The steps of one image's work, shared by every caller: HTTP (serving.py), the folder batch (batch.py).
 
-    bytes ─► source_image (header: format, size, limits) ─► Job ─► decode ─► Engine.plan / upscale ─► encode
+    bytes ─► source_image (header: format, size, limits) ─► Job ─► decode ─► LocalEngine.plan / upscale ─► encode
 
 Each step is a plain function, so that a batch can run them in separate threads and overlap one file's
 decode and encode with another's model run.

@@ -94,7 +94,8 @@ class ProgressHub:
         channel = self._channel(request_id)
 
         def report(done: int, total: int) -> None:
-            self._loop.call_soon_threadsafe(self._set, channel, "running", done, total)
+            stage = "encoding" if total and done >= total else "running"  # the last tile: what is left is encoding
+            self._loop.call_soon_threadsafe(self._set, channel, stage, done, total)
 
         return report
 

@@ -52,14 +52,15 @@ async def publish_remote(images: list[bytes], job: Job, store: ResultStore, base
 
 
 async def _deliver(blobs: list[bytes], job: Job, store: ResultStore, base_url: str) -> list[ImageData]:
+    """Equal images (a deterministic model's n copies, whichever process made them) are encoded or stored once."""
     if job.response_format == "b64_json":
-        encoded: dict[int, str] = {}
+        encoded: dict[bytes, str] = {}
         for blob in blobs:
-            if id(blob) not in encoded:
-                encoded[id(blob)] = base64.b64encode(blob).decode("ascii")
-        return [ImageData(b64_json=encoded[id(blob)]) for blob in blobs]
-    names: dict[int, str] = {}
+            if blob not in encoded:
+                encoded[blob] = base64.b64encode(blob).decode("ascii")
+        return [ImageData(b64_json=encoded[blob]) for blob in blobs]
+    names: dict[bytes, str] = {}
     for blob in blobs:
-        if id(blob) not in names:
-            names[id(blob)] = await asyncio.to_thread(store.save, blob, job.output_format)
-    return [ImageData(url=f"{base_url}/results/{names[id(blob)]}") for blob in blobs]
+        if blob not in names:
+            names[blob] = await asyncio.to_thread(store.save, blob, job.output_format)
+    return [ImageData(url=f"{base_url}/results/{names[blob]}") for blob in blobs]

@@ -91,6 +91,10 @@ def test_n_copies_of_a_deterministic_result_are_one_job_and_one_encoding(tmp_pat
     items = raw.http_response.json()["data"]
     assert len(items) == 10 and len({item["b64_json"] for item in items}) == 1
     assert (engine.runs, len(engine.reservations)) == (1, 1)
+    with loupe(tmp_path) as (url, engine):
+        stored = edit(url, n=3).http_response.json()["data"]
+    assert len(stored) == 3 and len({item["url"] for item in stored}) == 1  # one file for the three copies
+    assert len(list((tmp_path / "data" / "results").iterdir())) == 1
 
 
 def test_a_model_without_local_weights_goes_to_fal(tmp_path: Path, fal: FakeFal) -> None:

@@ -29,15 +29,10 @@ class Reservation(Protocol):
 
 
 class Plan(Protocol):
-    """A job's plan, as serving uses it."""
+    """A job's plan, as the dry run shows it."""
 
     @property
     def executed_model(self) -> str: ...
-
-    @property
-    def images(self) -> int:
-        """Distinct images the job computes: `n` for a model that samples noise, else 1."""
-        ...
 
     def describe(self) -> dict[str, Any]:
         """The dry run's `plan`."""
@@ -85,7 +80,7 @@ class Engine(Protocol):
     async def run(self, job: Job, *, reservation: Any = None, progress: Progress | None = None,
                   cancel: threading.Event | None = None) -> Upscaled:
         """The job's `n` results, run as one job on the reservation's place. Cancelling the awaiting task or
-        setting `cancel` stops it, queued or between tiles."""
+        setting `cancel` stops it while it is queued or between tiles (not inside a decode or an encode)."""
         ...
 
     def stats(self) -> dict[str, float | int | None]: ...

@@ -83,13 +83,6 @@ class Settings(BaseSettings):
         """A job admitted behind a full budget still has half the request timeout to run in."""
         return self.max_queue_s if self.max_queue_s is not None else self.request_timeout_s / 2
 
-    @field_validator("webhook_retry_s", mode="before")
-    @classmethod
-    def _split_delays(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
     @field_validator("webhook_retry_s")
     @classmethod
     def _non_negative(cls, value: list[float]) -> list[float]:
@@ -97,9 +90,10 @@ class Settings(BaseSettings):
             raise ValueError("each delay must be between 0 and 86400 seconds")
         return value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "webhook_retry_s", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
+        """A comma-separated environment variable as a list: `a, b` → ["a", "b"]."""
         if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value

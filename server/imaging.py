@@ -120,7 +120,7 @@ def probe(data: bytes) -> ImageInfo:
     """Size and format from the header alone; a 400 on `image` if the bytes are no supported image."""
     with _client_image(data) as image:
         width, height = image.size
-        if _orientation(image) in (5, 6, 7, 8):
+        if _orientation(_exif(image)) in (5, 6, 7, 8):
             width, height = height, width
         return ImageInfo(width, height, str(image.format), _may_have_alpha(image))
 
@@ -140,7 +140,7 @@ def decode(data: bytes, *, max_pixels: int) -> Picture:
                 code="IMAGE_TOO_LARGE",
             )
         exif = _exif(image)
-        orientation = exif.get(ExifTags.Base.Orientation, 1) if exif is not None else 1
+        orientation = _orientation(exif)
         icc = image.info.get("icc_profile") or None
         layout = _deep_colour_layout(data, image)
         if layout is None:
@@ -282,8 +282,7 @@ def _corrupt() -> InvalidInput:
     return InvalidInput("The image could not be decoded: it is truncated or corrupt.", "image", code="INVALID_IMAGE")
 
 
-def _orientation(image: Image.Image) -> int:
-    exif = _exif(image)
+def _orientation(exif: Image.Exif | None) -> int:
     value = exif.get(ExifTags.Base.Orientation, 1) if exif is not None else 1
     return value if value in _ORIENTATIONS else 1
 

@@ -129,9 +129,7 @@ async def fetch_image_url(
     `classify_address`, or nothing when `settings.allow_private_urls`. Every failure
     is an InvalidInput on param "image": 413 past `settings.max_upload_bytes`, 400 otherwise.
     """
-    if guard is None:
-        guard = _allow_any if settings.allow_private_urls else classify_address
-    fetch = _Fetch(resolve, guard, settings.max_upload_bytes,
+    fetch = _Fetch(resolve, guard or _settings_guard(settings), settings.max_upload_bytes,
                    httpx.Timeout(settings.url_timeout_s, connect=min(CONNECT_TIMEOUT_S, settings.url_timeout_s)))
     try:
         if client is not None:
@@ -193,7 +191,12 @@ async def vetted_addresses(url: httpx.URL, settings: Settings, param: str,
                            resolve: Resolver = resolve_host) -> list[IPAddress]:
     """The addresses of `url`'s host, each one public (any, with `settings.allow_private_urls`); InvalidInput on
     `param` when the host can't be resolved or one of its addresses is not public."""
-    return await _vetted(url, resolve, _allow_any if settings.allow_private_urls else classify_address, param)
+    return await _vetted(url, resolve, _settings_guard(settings), param)
+
+
+def _settings_guard(settings: Settings) -> AddressGuard:
+    """`classify_address`, or nothing when `settings.allow_private_urls`."""
+    return _allow_any if settings.allow_private_urls else classify_address
 
 
 async def _vetted(url: httpx.URL, resolve: Resolver, guard: AddressGuard, param: str) -> list[IPAddress]:

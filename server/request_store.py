@@ -155,9 +155,7 @@ class RequestStore:
                **changes: Any) -> RequestRow | None:
         """Set `changes` on the record; with `only_if`, only while its status is one of those. The record as
         changed, or None when it wasn't."""
-        values = _values(RequestRow(id="", owner=None, status="pending", created=0, model="", background=False,
-                                    **{k: v for k, v in changes.items() if k in _JSON_COLUMNS}))
-        assignments = {name: (values[name] if name in _JSON_COLUMNS else value) for name, value in changes.items()}
+        assignments = {name: _column_value(name, value) for name, value in changes.items()}
         sql = f"UPDATE requests SET {', '.join(f'{name} = ?' for name in assignments)} WHERE id = ?"
         parameters = [*assignments.values(), request_id]
         if only_if:
@@ -224,11 +222,14 @@ class RequestStore:
 
 
 def _values(row: RequestRow) -> dict[str, Any]:
-    values = {name: getattr(row, name) for name in _COLUMNS}
-    for name in _JSON_COLUMNS:
-        values[name] = None if values[name] is None else json.dumps(values[name], separators=(",", ":"))
-    values["background"] = int(row.background)
-    return values
+    return {name: _column_value(name, getattr(row, name)) for name in _COLUMNS}
+
+
+def _column_value(name: str, value: Any) -> Any:
+    """A field of a `RequestRow` as its column stores it: JSON text, 0/1 for a flag."""
+    if name in _JSON_COLUMNS:
+        return None if value is None else json.dumps(value, separators=(",", ":"))
+    return int(value) if name == "background" else value
 
 
 def _row(values: tuple[Any, ...]) -> RequestRow:

@@ -9,7 +9,7 @@ import asyncio
 import base64
 from dataclasses import dataclass
 
-from server import imagework, imaging
+from server import imaging
 from server.api.protocol import ImageData
 from server.errors import InvalidInput
 from server.jobs import Job
@@ -34,8 +34,7 @@ def _convert_remote(data: bytes, job: Job, max_pixels: int) -> tuple[bytes, tupl
             "output_format",
         )
     picture = imaging.decode(data, max_pixels=max_pixels)
-    (encoded,) = imagework.encode([picture], job.output_format, job.output_compression)
-    return encoded, (picture.width, picture.height)
+    return imaging.encode(picture, job.output_format, job.output_compression), (picture.width, picture.height)
 
 
 async def publish_local(images: list[bytes], size: tuple[int, int], job: Job, store: ResultStore,

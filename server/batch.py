@@ -122,20 +122,19 @@ class FileWork:
         self.options = options
         self.cancel = cancel or threading.Event()  # handed to each model run: it stops at the next tile
 
-    def existing(self, item: Item) -> Record | None:
-        """The file's "skipped" record when its output is already there and may stay."""
-        if self.options.overwrite or not item.output.exists():
-            return None
-        return Record(path=str(item.source), output=str(item.output), status="skipped",
-                      reason="its output exists (--overwrite redoes it)")
-
     def load(self, item: Item) -> Loaded | Record:
         began = time.monotonic()
         with item.source.open("rb") as file:
             head = file.read(_HEAD_BYTES)
             if self.options.skip_non_images and not is_image_like(head):
-                return Record(path=str(item.source), output=None, status="skipped", reason="not an image")
+                return _not_an_image(item)
             data = head + file.read()
+        return self.prepare(item, data, began)
+
+    def prepare(self, item: Item, data: bytes, began: float) -> Loaded | Record:
+        """The file's bytes, read since `began`, to its job and decoded picture."""
+        if self.options.skip_non_images and not is_image_like(data[:_HEAD_BYTES]):
+            return _not_an_image(item)
         max_pixels = self.settings.max_input_pixels
         source = imagework.source_image(data, item.source.name, max_pixels)
         job = self._job(item, source)
@@ -174,6 +173,17 @@ class FileWork:
                       input_size=f"{job.image.width}x{job.image.height}",
                       output_size=f"{picture.width}x{picture.height}")
 
+    def whole(self, item: Item, data: bytes, device: torch.device) -> Record:
+        """Every step of one file read elsewhere (the Ray Data batch): prepare, run, save, each guarded."""
+        began = time.monotonic()
+        loaded = self.guarded(item, lambda: self.prepare(item, data, began))
+        if isinstance(loaded, Record):
+            return loaded
+        result = self.guarded(item, lambda: self.run(loaded, device), loaded.seconds)
+        if isinstance(result, Record):
+            return result
+        return self.guarded(item, lambda: self.save(result), result.seconds)
+
     def guarded(self, item: Item, step: Callable[[], T], seconds: float = 0.0) -> T | Record:
         """`step()`, for `item`, which has had `seconds` of work so far; or the record of how it failed."""
         began = time.monotonic()
@@ -189,6 +199,25 @@ class FileWork:
         except Exception as error:  # a fault nobody foresaw: the file fails with it, the others go on
             log.exception("upscaling %s failed", item.source)
             return _failed(item, f"{type(error).__name__}: {error}", seconds + time.monotonic() - began)
+
+
+def existing(item: Item, options: Options) -> Record | None:
+    """The file's "skipped" record when its output is already there and may stay."""
+    if options.overwrite or not item.output.exists():
+        return None
+    return Record(path=str(item.source), output=str(item.output), status="skipped",
+                  reason="its output exists (--overwrite redoes it)")
+
+
+def _not_an_image(item: Item) -> Record:
+    return Record(path=str(item.source), output=None, status="skipped", reason="not an image")
+
+
+def summarize(records: Sequence[Record], seconds: float, stopped: bool) -> Summary:
+    counts = {status: sum(record.status == status for record in records)
+              for status in ("upscaled", "skipped", "failed", "interrupted")}
+    return Summary(files=len(records), seconds=round(seconds, 3), stopped=stopped,
+                   images_per_second=round(counts["upscaled"] / seconds, 3) if seconds > 0 else 0.0, **counts)
 
 
 def _failed(item: Item, reason: str, seconds: float) -> Record:
@@ -235,7 +264,7 @@ class Batch:
                               status="failed", reason=refusal.reason))
         pending = []
         for item in self.items:
-            skipped = self._work.guarded(item, lambda: self._work.existing(item))
+            skipped = self._work.guarded(item, lambda: existing(item, self._work.options))
             if skipped is None:
                 pending.append(item)
             else:
@@ -271,7 +300,7 @@ class Batch:
             self._deliver(interrupted(item, started=False) if self.stopped
                           else _failed(item, "an internal error stopped this file; see the log", 0.0))
         records = sorted(self.records, key=lambda record: record.path)
-        return Report(summary=self._summary(time.monotonic() - started), files=records)
+        return Report(summary=summarize(records, time.monotonic() - started, self.stopped), files=records)
 
     # The stages, each on its own threads.
 
@@ -321,13 +350,6 @@ class Batch:
         self.records.append(record)
         if self.on_record is not None:
             self.on_record(record)
-
-    def _summary(self, seconds: float) -> Summary:
-        counts = {status: sum(record.status == status for record in self.records)
-                  for status in ("upscaled", "skipped", "failed", "interrupted")}
-        return Summary(files=len(self.records), seconds=round(seconds, 3), stopped=self.stopped,
-                       images_per_second=round(counts["upscaled"] / seconds, 3) if seconds > 0 else 0.0,
-                       **counts)
 
 
 def write_report(report: Report, path: Path) -> None:

@@ -23,6 +23,7 @@ from server.jobs import parse_size
 
 if TYPE_CHECKING:  # the engine's modules load torch: only the commands that run it import them
     from server.batch import Batch, Record, Summary
+    from server.cluster.batch import RayBatch
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -30,21 +31,39 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from server.engine.runtime import engine_devices
     from server.request_store import RequestStore, database_path
 
-    engine_devices(settings)  # a bad device or precision setting stops here, before the server starts
+    settings = settings.model_copy(update={"host": args.host or settings.host, "port": args.port or settings.port})
+    if args.ray:
+        from server.cluster import require_ray
+
+        require_ray()
+    else:
+        engine_devices(settings)  # a bad device or precision setting stops here, before the server starts
     RequestStore(database_path(settings)).close()  # and so does a database that can't be used
-    serve.run(settings.model_copy(update={"host": args.host or settings.host, "port": args.port or settings.port}))
+    if args.ray:
+        from server.cluster.runtime import serve_until_stopped
+        from server.logs import configure_logging
+
+        configure_logging(settings.log_level, secrets=[*settings.api_keys, settings.fal_key, settings.gateway_key,
+                                                       settings.webhook_secret])
+        serve_until_stopped(settings, args.address, args.replicas)
+    else:
+        serve.run(settings)
     return 0
 
 
 def _upscale(args: argparse.Namespace, settings: Settings) -> int:
     from server import batch, catalog, folders
-    from server.engine.runtime import LocalEngine
+    from server.engine.directory import ModelDirectory
 
-    engine = LocalEngine(settings)
-    entry = engine.find(args.model)
+    if args.ray:
+        from server.cluster import require_ray
+
+        require_ray()
+    directory = ModelDirectory(settings)
+    entry = directory.find(args.model)
     if entry is None or entry.local is None:
         local = ", ".join([e.id for e in catalog.MODELS if e.local is not None] +
-                          [m.id for m in engine.custom_models() if m.reason is None])
+                          [m.id for m in directory.custom_models() if m.reason is None])
         print(f"loupe: {args.model!r} is not a local model; local models: {local}", file=sys.stderr)
         return 2
     fmt = "jpeg" if args.format == "jpg" else args.format
@@ -62,7 +81,14 @@ def _upscale(args: argparse.Namespace, settings: Settings) -> int:
     options = batch.Options(entry, args.scale, args.size, args.quality, args.seed,
                             overwrite=args.overwrite or single, skip_non_images=not single)
     bar = _ProgressBar(len(items) + len(refused), args.quiet)
-    work = batch.Batch(engine, settings, options, items, refused, on_record=bar.record)
+    if args.ray:
+        from server.cluster.batch import RayBatch
+
+        work: Batch | RayBatch = RayBatch(settings, args.address, options, items, refused, on_record=bar.record)
+    else:
+        from server.engine.runtime import LocalEngine
+
+        work = batch.Batch(LocalEngine(settings), settings, options, items, refused, on_record=bar.record)
     with _stopping_on_signals(work) as signalled:
         report = work.run()
     bar.close()
@@ -101,7 +127,7 @@ class _ProgressBar:
 
 
 @contextlib.contextmanager
-def _stopping_on_signals(work: Batch) -> Iterator[list[int]]:
+def _stopping_on_signals(work: Batch | RayBatch) -> Iterator[list[int]]:
     """SIGINT or SIGTERM stops the batch cleanly; a second one discards the files in flight; a third ends the
     process at once. Yields the signals received."""
     received: list[int] = []
@@ -188,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", help="address to listen on (LOUPE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (LOUPE_PORT, default 8000)")
+    _ray_arguments(serve, "serve the API on Ray Serve: an ingress and Upscaler replicas of one engine each")
+    serve.add_argument("--replicas", type=_replicas, default=1, metavar="N|auto",
+                       help="with --ray: Upscaler replicas, one per GPU (else of LOUPE_RAY_REPLICA_CPUS CPUs each); "
+                            "auto scales between 1 and what the cluster holds (default 1)")
     serve.set_defaults(run=_serve)
 
     upscale = commands.add_parser(
@@ -214,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--report", type=Path, metavar="FILE.json",
                          help="write one record per file: path, status, reason, seconds, input and output size")
     upscale.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    _ray_arguments(upscale, "run the batch on Ray Data: one engine per device of the cluster (its nodes must see "
+                            "INPUT and OUT at the same paths)")
     upscale.set_defaults(run=_upscale)
 
     weights = commands.add_parser("weights", help="list, download or import model weights")
@@ -229,6 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
     weight_commands.add_parser("ensure", help="make every Real-ESRGAN weight present: download, else import offline")
     weights.set_defaults(run=_weights)
     return parser
+
+
+def _ray_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--ray", action="store_true", help=f"{what}; needs pip install -e '.[ray]'")
+    parser.add_argument("--address", metavar="ADDR", help="with --ray: join the Ray cluster at ADDR (`ray start "
+                                                          "--head` prints it); default: start a Ray of this machine")
+
+
+def _replicas(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("must be a whole number of at least 1, or auto")
+    return int(text)
 
 
 def _scale(text: str) -> float:

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     max_queue_s: float | None = Field(default=None, gt=0)
     read_timeout_s: float = Field(default=60.0, gt=0)  # to receive a request's headers, and then its body
 
+    # Ray (`--ray`): jobs an ingress holds for the Upscaler replicas before it answers 429 (Serve's
+    # max_queued_requests, which Serve counts per caller), and the CPUs (torch threads) of each CPU replica.
+    ray_queue: int = Field(default=8, ge=1)
+    ray_replica_cpus: int = Field(default=1, ge=1)
+
     # Results
     data_dir: Path = PROJECT_ROOT / "data"
     result_ttl_s: int = Field(default=3600, ge=1)  # results, and the records of the requests that made them

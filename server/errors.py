@@ -20,6 +20,18 @@ class LoupeError(Exception):
         self.transient = False  # whether the same request may succeed later (where the HTTP table asks)
         self.retry_after_s: float | None = None
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuilt from its facts, not by calling the constructor (whose arguments differ by class): an error
+        # raised on a Ray replica reaches the ingress whole.
+        return _rebuild, (type(self), self.message, self.__dict__)
+
+
+def _rebuild(cls: type[LoupeError], message: str, facts: dict[str, object]) -> LoupeError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(facts)
+    return error
+
 
 class InvalidInput(LoupeError):
     """The request is wrong and would fail the same way every time."""

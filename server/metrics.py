@@ -48,12 +48,12 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stats = self.stats()
         for key, family, help_text in (
-            ("queue_depth", GaugeMetricFamily, "Jobs waiting for or running on the local engine"),
+            ("queue_depth", GaugeMetricFamily, "Jobs waiting for or running on the engine (with --ray: on all Upscaler replicas)"),
             ("queue_seconds", GaugeMetricFamily, "Estimated seconds of work admitted and not yet done"),
             ("queue_budget_seconds", GaugeMetricFamily, "Seconds of queued work past which jobs get 429"),
-            ("tiles_processed", CounterMetricFamily, "Tiles the local engine has upscaled"),
+            ("tiles_processed", CounterMetricFamily, "Tiles the engine has upscaled (with --ray: all Upscaler replicas)"),
             ("oom_retries", CounterMetricFamily, "Times a batch ran out of GPU memory and was retried smaller"),
-            ("gpu_memory_bytes", GaugeMetricFamily, "GPU memory in use by the local engine"),
+            ("gpu_memory_bytes", GaugeMetricFamily, "GPU memory in use by the engine (with --ray: summed over the replicas)"),
         ):
             value = stats.get(key)
             if value is not None:

@@ -62,6 +62,11 @@ async def run(job: Job, services: Services, cancel: threading.Event, base_url: s
     if reservation is not None:
         try:
             published, metadata = await _run_local(job, services, reservation, cancel, base_url)
+        except QueueFull:  # an engine that queues elsewhere (a cluster) may refuse the job only when it is sent
+            overflow = overflow_route(job, services.settings, services.providers)
+            if overflow is None:
+                raise
+            published, metadata = await _run_remote(job, services, overflow, base_url)
         finally:
             reservation.release()
     else:

@@ -27,6 +27,7 @@ from server.errors import (
     InvalidInput,
     ModelUnavailable,
     OutOfDeviceMemory,
+    QueueFull,
     StorageFull,
     UpstreamFailed,
 )
@@ -111,10 +112,16 @@ def test_without_weights_or_a_provider_the_model_is_a_503_not_worth_retrying(tmp
     assert error.response.headers["x-should-retry"] == "false"
 
 
+# An engine refuses a job past its budget when it reserves a place, or, when it queues elsewhere (a Ray
+# cluster's replicas), only as the job is sent.
+BUSY = {"at reserve": {"busy_for_s": 7.2}, "at send": {"fail_with": QueueFull("the replicas are busy", retry_after_s=7.2)}}
+
+
+@pytest.mark.parametrize("busy", BUSY.keys())
 @pytest.mark.parametrize(("fallback", "provider"), [("overload", "fal"), ("unavailable", None)])
 def test_a_local_engine_past_its_budget_overflows_to_fal_only_under_overload(
-        tmp_path: Path, fal: FakeFal, fallback: str, provider: str | None) -> None:
-    with loupe(tmp_path, {"busy_for_s": 7.2}, fal_key=FAL_KEY, fal_url=fal.url, fallback=fallback) as (url, _):
+        tmp_path: Path, fal: FakeFal, fallback: str, provider: str | None, busy: str) -> None:
+    with loupe(tmp_path, BUSY[busy], fal_key=FAL_KEY, fal_url=fal.url, fallback=fallback) as (url, _):
         if provider is not None:
             assert edit(url).http_response.json()["metadata"]["provider"] == provider
             return

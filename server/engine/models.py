@@ -131,9 +131,12 @@ def _with_colour_back(rgb: torch.Tensor, forward: Callable[[torch.Tensor], torch
 
 
 def execution_for(architecture: str, device: torch.device, setting: PrecisionSetting,
-                  traits: Traits | None = None) -> Execution:
-    """How a network of `architecture` runs on `device`: from its profile, and what spandrel says of it if known."""
-    return precision.choose(setting, device, capabilities_of(architecture, traits))
+                  traits: Traits | None = None, native_bf16: bool | None = None) -> Execution:
+    """How a network of `architecture` runs on `device`: from its profile, and what spandrel says of it if known.
+
+    `native_bf16`: whether that device has bf16 arithmetic, for a device on another machine (None: detect it here).
+    """
+    return precision.choose(setting, device, capabilities_of(architecture, traits), native_bf16)
 
 
 def fetch_hint(weight_id: str, weights_dir: Path) -> str:

@@ -64,6 +64,11 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether `device`, here, does bf16 arithmetic natively."""
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+
+
 def check_setting(setting: PrecisionSetting, devices: list[torch.device]) -> None:
     """A precision no device here can run is a start-up error, never a silent fallback."""
     if setting == "fp16" and any(device.type == "cpu" for device in devices):
@@ -75,13 +80,13 @@ def choose(setting: PrecisionSetting, device: torch.device, capabilities: Capabi
            native_bf16: bool | None = None) -> Execution:
     """The dtype and layout for a network with `capabilities` on `device`.
 
-    `native_bf16` says whether a CPU has bf16 arithmetic (None: detect it).
+    `native_bf16` says whether the device has bf16 arithmetic (None: detect it on this machine's device).
     """
     channels_last = capabilities.channels_last
     if capabilities.fp32_only:
         return Execution(torch.float32, channels_last)
     if setting == "auto":
-        dtype = _automatic(device, capabilities, cpu_has_native_bf16() if native_bf16 is None else native_bf16)
+        dtype = _automatic(device, capabilities, has_native_bf16(device) if native_bf16 is None else native_bf16)
     else:
         dtype = DTYPES[setting]
         if (dtype == torch.float16 and not capabilities.half) or (dtype == torch.bfloat16 and not capabilities.bfloat16):
@@ -93,7 +98,7 @@ def _automatic(device: torch.device, capabilities: Capabilities, native_bf16: bo
     if device.type == "cuda":
         if capabilities.half:
             return torch.float16
-        if capabilities.bfloat16 and torch.cuda.is_bf16_supported():
+        if capabilities.bfloat16 and native_bf16:
             return torch.bfloat16
         return torch.float32
     return torch.bfloat16 if capabilities.bfloat16 and native_bf16 else torch.float32

@@ -14,11 +14,12 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
-from server import catalog, imagework
+from server import imagework
 from server.catalog import MODELS, ModelEntry
 from server.config import Settings, SettingsError
 from server.engine import custom, openvino_backend, precision
 from server.engine.devices import DeviceWorker, Reservation
+from server.engine.directory import ModelDirectory
 from server.engine.executor import run_tiled
 from server.engine.interface import Upscaled
 from server.engine.models import (
@@ -28,7 +29,6 @@ from server.engine.models import (
     choose_tiling,
     compile_model,
     execution_for,
-    fetch_hint,
     free_memory,
     locate,
     parameter_count,
@@ -69,6 +69,7 @@ def engine_devices(settings: Settings) -> list[torch.device]:
 class LocalEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.directory = ModelDirectory(settings)
         devices = engine_devices(settings)
         self._compiling = settings.compile and (devices[0].type == "cuda" or openvino_backend.available())
         # Background work (loading, compiling), one item at a time; None stops the thread.
@@ -110,31 +111,13 @@ class LocalEngine:
 
     def unavailable_reason(self, entry: ModelEntry) -> str | None:
         """None when `entry` can run here now; else why not, and the command that fixes it."""
-        if entry.local is None:
-            return f"{entry.id} has no local weights"
-        weights_dir = self.settings.weights_dir
-        if entry.owned_by == "custom":
-            found = custom.find(weights_dir, entry.id, inspect_now=False)  # `find` made it, in a thread
-            if found is None:
-                return f"the file of the custom model {entry.id} is gone from {weights_dir / custom.FOLDER}"
-            return found.reason
-        missing = [w for w in entry.local.weights.values() if locate(w, weights_dir) is None]
-        if missing:
-            fixes = " and ".join(fetch_hint(w, weights_dir) for w in missing)
-            return f"the weights {', '.join(missing)} are not in {weights_dir}: run {fixes}"
-        return None
+        return self.directory.unavailable_reason(entry)
 
     def custom_models(self) -> list[custom.CustomModel]:
-        """The files in the custom folder now, runnable or not (each with its reason)."""
-        return custom.scan(self.settings.weights_dir, catalog.NAMES)
+        return self.directory.custom_models()
 
     def find(self, name: str) -> ModelEntry | None:
-        """A catalog model by id or alias, else a custom model of that name (runnable or not)."""
-        entry = catalog.find(name)
-        if entry is not None:
-            return entry
-        found = custom.find(self.settings.weights_dir, name)
-        return found.entry if found is not None else None
+        return self.directory.find(name)
 
     def execution(self, entry: ModelEntry) -> Execution:
         """How the weight of `entry`'s largest native scale runs on the first device: what /v1/models shows."""
@@ -142,14 +125,7 @@ class LocalEngine:
         worker = self.workers[0]
         weight_id = entry.local.weights[entry.local.native_scales[-1]]
         loaded = worker.cache.peek(weight_id)
-        if loaded is not None:
-            return loaded.execution
-        if weight_id in MANIFEST:
-            return execution_for(MANIFEST[weight_id].architecture, worker.device, self.settings.precision)
-        inspected = self._inspected(weight_id)
-        architecture = (inspected.architecture or "?") if inspected is not None else "?"
-        return execution_for(architecture, worker.device, self.settings.precision,
-                             inspected.traits if inspected is not None else None)
+        return loaded.execution if loaded is not None else self.directory.execution(weight_id, worker.device)
 
     def reserve(self, entry: ModelEntry, picture: PictureFacts, target: tuple[int, int], n: int = 1) -> Reservation:
         """A place for this job on the device with the least work reserved, from the picture's header, before it is
@@ -283,7 +259,7 @@ class LocalEngine:
                               model.nbytes, model.tile, model.batch,
                               model.compiled.backend if model.compiled is not None else "torch")
         device = worker.device
-        inspected = self._inspected(weight_id)
+        inspected = self.directory.inspected(weight_id)
         if weight_id in MANIFEST:  # a built-in weight: its manifest entry and its file's header
             architecture = MANIFEST[weight_id].architecture
             execution = execution_for(architecture, device, self.settings.precision)
@@ -300,12 +276,6 @@ class LocalEngine:
         tile, batch = choose_tiling(profile, profile.tiling, execution.dtype, device, free_memory(device))
         return ModelFacts(weight_id, profile, self._spec(profile.tiling), execution, params,
                           params * execution.dtype.itemsize, tile, batch, "torch")
-
-    def _inspected(self, weight_id: str) -> custom.CustomModel | None:
-        """A custom weight's inspection; None for a built-in one."""
-        if weight_id in MANIFEST:
-            return None
-        return custom.find(self.settings.weights_dir, weight_id.removeprefix(custom.PREFIX), inspect_now=False)
 
     def _spec(self, spec: TilingSpec) -> TilingSpec:
         """The tiling as configured: LOUPE_AURA_OVERLAP turns a grid's shifted second pass on or off."""

@@ -1,0 +1,141 @@
+"""`loupe upscale --ray`: a folder batch on Ray Data.
+
+    read_binary_files (the files as bytes) ─► map_batches(_Upscaler actors, one engine per device) ─► records
+
+Each actor holds one LocalEngine and gives each file the local batch's own steps (`FileWork.whole`: Loupe's
+decoder, so EXIF, ICC, 16-bit and alpha survive; the job, the run, the encode and the atomic write). Only
+the file's record comes back. The driver skips existing outputs before anything is read, and the report,
+the summary and the exit status are the local batch's.
+
+A stop (Ctrl-C, SIGTERM) ends the run at once: the files in flight are discarded (outputs are written by
+rename, never half) and reported as interrupted, and a later run resumes with them.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import ray
+
+from server.batch import FileWork, Options, Record, Report, existing, interrupted, summarize
+from server.cluster.layout import plan_layout, use_actor_cpus
+from server.cluster.runtime import connected
+from server.config import Settings
+from server.engine.runtime import LocalEngine
+from server.folders import Item, Refused
+
+_END = object()
+
+
+class _Upscaler:
+    """A Ray Data actor: one engine on the device Ray gave it; torch's threads are its CPUs."""
+
+    def __init__(self, options: Options, items: dict[str, Item]) -> None:
+        use_actor_cpus()
+        settings = Settings()
+        self.engine = LocalEngine(settings)
+        self.work = FileWork(self.engine, settings, options)
+        self.items = items
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        device = self.engine.devices[0]
+        records = [self.work.whole(self.items[_key(str(path))], bytes(data), device)
+                   for path, data in zip(rows["path"], rows["bytes"])]
+        return {"record": [record.model_dump_json() for record in records]}
+
+
+def _key(path: str) -> str:
+    """A file as the driver names it and as Ray Data's `path` column does (without the leading slash)."""
+    return path.lstrip("/")
+
+
+class RayBatch:
+    """The batch's files through Ray Data: `run` and `stop` as `Batch`'s."""
+
+    def __init__(self, settings: Settings, address: str | None, options: Options, items: list[Item],
+                 refused: Sequence[Refused] = (), on_record: Callable[[Record], None] | None = None) -> None:
+        self.settings = settings
+        self.address = address  # the cluster's; None: a Ray of this machine, started only if a file needs work
+        self.options = options
+        self.items = items
+        self.refused = list(refused)
+        self.on_record = on_record
+        self.records: list[Record] = []
+        self._stopping = threading.Event()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopping.is_set()
+
+    def stop(self, discard_running: bool = False) -> None:
+        self._stopping.set()
+
+    def run(self) -> Report:
+        started = time.monotonic()
+        for refusal in self.refused:
+            self._deliver(Record(path=str(refusal.source), output=str(refusal.output) if refusal.output else None,
+                                 status="failed", reason=refusal.reason))
+        pending = []
+        for item in self.items:
+            skipped = existing(item, self.options)
+            if skipped is None:
+                pending.append(item)
+            else:
+                self._deliver(skipped)
+        if pending:
+            with connected(self.settings, self.address):
+                self._run_on_ray(pending)
+        done = {record.path for record in self.records}
+        for item in pending:
+            if str(item.source) not in done:
+                self._deliver(interrupted(item, started=False))
+        records = sorted(self.records, key=lambda record: record.path)
+        return Report(summary=summarize(records, time.monotonic() - started, self.stopped), files=records)
+
+    def _run_on_ray(self, pending: list[Item]) -> None:
+        context = ray.data.DataContext.get_current()  # Loupe's own bar shows the progress, per file
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        by_path = {_key(str(item.source.resolve())): item for item in pending}
+        layout = plan_layout("auto", ray.cluster_resources(), self.settings)
+        dataset = ray.data.read_binary_files(
+            [str(item.source.resolve()) for item in pending], include_paths=True,
+            override_num_blocks=len(pending),  # a file per block: each goes to the first free engine
+            num_cpus=0)  # reading is I/O: the CPUs are the engines'
+        upscaled = dataset.map_batches(
+            _Upscaler, fn_constructor_kwargs={"options": self.options, "items": by_path}, batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(layout.max_replicas, len(pending))),
+            **layout.resources)
+        records: queue.Queue[Any] = queue.Queue()
+
+        def consume() -> None:
+            try:
+                for row in upscaled.iter_rows():
+                    records.put(Record.model_validate_json(row["record"]))
+                    if self._stopping.is_set():
+                        return
+            except BaseException as error:  # handed to the driver's thread
+                records.put(error)
+            finally:
+                records.put(_END)
+
+        threading.Thread(target=consume, name="loupe-ray-batch", daemon=True).start()
+        while not self._stopping.is_set():
+            try:
+                got = records.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if got is _END:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            self._deliver(got)
+
+    def _deliver(self, record: Record) -> None:
+        self.records.append(record)
+        if self.on_record is not None:
+            self.on_record(record)

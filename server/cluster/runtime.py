@@ -1,0 +1,86 @@
+"""Starting a local Ray or joining a cluster, and running the Serve application until a signal stops it."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import ray
+from ray import serve
+
+from server.cluster.deployments import APP, application
+from server.cluster.layout import plan_layout
+from server.config import Settings
+
+log = logging.getLogger("loupe.ray")
+# Ray puts its sockets under the temp dir, at about 60 characters more; a Unix socket path holds 107.
+_MAX_TEMP_DIR = 45
+
+
+def loupe_env(settings: Settings) -> dict[str, str]:
+    """The LOUPE_* settings every Ray worker reads: the ones set here, and the folders as absolute paths (on a
+    cluster, folders the nodes share)."""
+    env = {name: value for name, value in os.environ.items() if name.startswith("LOUPE_")}
+    env["LOUPE_DATA_DIR"] = str(settings.data_dir.resolve())
+    env["LOUPE_WEIGHTS_DIR"] = str(settings.weights_dir.resolve())
+    return env
+
+
+@contextlib.contextmanager
+def connected(settings: Settings, address: str | None) -> Iterator[None]:
+    """Ray, for the length of the block: the cluster at `address`, or else a Ray of this machine on loopback,
+    without its dashboard, its session files under the data dir (stopped with the block)."""
+    runtime_env = {"env_vars": loupe_env(settings)}
+    if address is not None:
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+    else:
+        temp_dir = _session_dir(settings)
+        ray.init(include_dashboard=False, _temp_dir=str(temp_dir), _node_ip_address="127.0.0.1",
+                 runtime_env=runtime_env, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _session_dir(settings: Settings) -> Path:
+    """`<data dir>/ray`, unless that path is too long for Ray's Unix sockets: then a folder of its own in /tmp."""
+    temp_dir = settings.data_dir.resolve() / "ray"
+    if len(str(temp_dir)) > _MAX_TEMP_DIR:
+        digest = hashlib.sha256(str(temp_dir).encode()).hexdigest()[:12]
+        temp_dir = Path(tempfile.gettempdir()) / f"loupe-ray-{digest}"
+        log.info("Ray's session files are in %s: the data dir's path is too long for its sockets", temp_dir)
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    return temp_dir
+
+
+def serve_until_stopped(settings: Settings, address: str | None, replicas: int | Literal["auto"]) -> None:
+    """Deploy the ingress and the Upscalers, serve at LOUPE_HOST:LOUPE_PORT, and take them down on SIGINT or
+    SIGTERM (with the local Ray; on a cluster, only Loupe's application)."""
+    with connected(settings, address):
+        stop = threading.Event()  # the handlers go in after ray.init, which sets its own
+        previous = {number: signal.signal(number, lambda *_: stop.set()) for number in (signal.SIGINT, signal.SIGTERM)}
+        layout = plan_layout(replicas, ray.cluster_resources(), settings)
+        # Serve's own deadline stays behind Loupe's, which answers in the OpenAI shape.
+        serve.start(http_options={"host": settings.host, "port": settings.port,
+                                  "request_timeout_s": settings.request_timeout_s + 30})
+        try:
+            serve.run(application(settings, layout, loupe_env(settings)), name=APP, route_prefix="/")
+            count = f"1 to {layout.max_replicas}" if layout.replicas == "auto" else str(layout.replicas)
+            log.info("serving on Ray at http://%s:%s with %s Upscaler replicas of %s", settings.host,
+                     settings.port, count, "1 GPU" if layout.gpus else f"{layout.replica_cpus} CPU")
+            stop.wait()
+        finally:
+            if address is not None:
+                serve.delete(APP)
+            else:
+                serve.shutdown()
+            for number, handler in previous.items():
+                signal.signal(number, handler)

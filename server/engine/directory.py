@@ -1,0 +1,65 @@
+"""What the weights folder offers: the models a name means, whether each can run, and how it would run on a device.
+
+Knows files, not devices: `LocalEngine` answers from it for its own devices, and a cluster's ingress (which
+sees the same weights folder as its replicas) answers from it for the replicas' device.
+"""
+from __future__ import annotations
+
+import torch
+
+from server import catalog
+from server.catalog import ModelEntry
+from server.config import Settings
+from server.engine import custom
+from server.engine.models import execution_for, fetch_hint, locate
+from server.engine.precision import Execution
+from server.engine.weights import MANIFEST
+
+
+class ModelDirectory:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def find(self, name: str) -> ModelEntry | None:
+        """A catalog model by id or alias, else a custom model of that name (runnable or not)."""
+        entry = catalog.find(name)
+        if entry is not None:
+            return entry
+        found = custom.find(self.settings.weights_dir, name)
+        return found.entry if found is not None else None
+
+    def custom_models(self) -> list[custom.CustomModel]:
+        """The files in the custom folder now, runnable or not (each with its reason)."""
+        return custom.scan(self.settings.weights_dir, catalog.NAMES)
+
+    def unavailable_reason(self, entry: ModelEntry) -> str | None:
+        """None when `entry`'s weights are here and usable; else why not, and the command that fixes it."""
+        if entry.local is None:
+            return f"{entry.id} has no local weights"
+        weights_dir = self.settings.weights_dir
+        if entry.owned_by == "custom":
+            found = custom.find(weights_dir, entry.id, inspect_now=False)  # `find` made it, in a thread
+            if found is None:
+                return f"the file of the custom model {entry.id} is gone from {weights_dir / custom.FOLDER}"
+            return found.reason
+        missing = [w for w in entry.local.weights.values() if locate(w, weights_dir) is None]
+        if missing:
+            fixes = " and ".join(fetch_hint(w, weights_dir) for w in missing)
+            return f"the weights {', '.join(missing)} are not in {weights_dir}: run {fixes}"
+        return None
+
+    def inspected(self, weight_id: str) -> custom.CustomModel | None:
+        """A custom weight's inspection; None for a built-in one."""
+        if weight_id in MANIFEST:
+            return None
+        return custom.find(self.settings.weights_dir, weight_id.removeprefix(custom.PREFIX), inspect_now=False)
+
+    def execution(self, weight_id: str, device: torch.device, native_bf16: bool | None = None) -> Execution:
+        """How `weight_id` would run on `device` (`native_bf16`: that device's, when it is another machine's)."""
+        setting = self.settings.precision
+        if weight_id in MANIFEST:
+            return execution_for(MANIFEST[weight_id].architecture, device, setting, native_bf16=native_bf16)
+        inspected = self.inspected(weight_id)
+        architecture = (inspected.architecture or "?") if inspected is not None else "?"
+        return execution_for(architecture, device, setting, inspected.traits if inspected is not None else None,
+                             native_bf16)

@@ -1,0 +1,295 @@
+"""Loupe on Ray, as a user runs it: `loupe serve --ray` and `loupe upscale --ray` on a local Ray of this machine.
+
+The server runs 2 CPU Upscaler replicas of 1 CPU each behind the one ingress, with LOUPE_RAY_QUEUE=2: two jobs run
+and two wait, and the next is refused. Every request is sent to 127.0.0.1.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from PIL import Image
+
+from server import errors
+from server.cluster.layout import plan_layout
+from tests import photos
+from tests.conftest import loupe_settings
+from tests.servers import free_port, serve
+from tests.test_batch import _photo_folder
+
+
+TILE = 64  # a job stops at its next tile when its client goes; both servers tile alike, so their pixels compare
+ENV = {"LOUPE_DEVICE": "cpu", "LOUPE_COMPILE": "0", "LOUPE_TILE_SIZE": str(TILE), "LOUPE_RAY_QUEUE": "2"}
+
+
+def _env(weights_dir: Path, data_dir: Path, **extra: str) -> dict[str, str]:
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("LOUPE_")}
+    return {**clean, **ENV, "LOUPE_WEIGHTS_DIR": str(weights_dir), "LOUPE_DATA_DIR": str(data_dir), **extra}
+
+
+def _short_dir() -> Path:
+    """A data dir with a short path: Ray keeps its sockets under it."""
+    return Path(tempfile.mkdtemp(prefix="loupe-ray-test-", dir="/tmp"))
+
+
+@pytest.fixture(scope="module")
+def ray_url(weights_dir: Path) -> Iterator[str]:
+    """`loupe serve --ray --replicas 2`, ready."""
+    port = free_port()
+    data_dir = _short_dir()
+    log = (data_dir / "serve.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--ray", "--replicas", "2", "--port",
+                               str(port)], env=_env(weights_dir, data_dir), stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert server.poll() is None, (data_dir / "serve.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "loupe serve --ray did not get ready"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0, (data_dir / "serve.log").read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def local_url(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same settings served by one process."""
+    from server.app import create_app
+
+    settings = loupe_settings(weights_dir, tmp_path_factory.mktemp("local-data"), tile_size=TILE)
+    with serve(create_app(settings)) as url:
+        yield url
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The local engine on one thread, as each replica runs: the same kernels, so the same rounding."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image)
+
+
+def _sdk(url: str) -> openai.OpenAI:
+    # Retries as the SDK's users have them: jobs sent at once may find the queue full for a moment (429).
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=4, timeout=300)
+
+
+def _edit(url: str, model: str, image: bytes, scale: float, timeout: float = 300) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images/edits", data={"model": model, "scale_factor": str(scale)},
+                      files={"image": ("photo.png", image)}, timeout=timeout)
+
+
+# A job of over ten seconds on one replica's CPU, and one of a fraction of a second.
+LONG = ("realesr-animevideov3", _png(photos.coffee((800, 800))), 2)
+SHORT = ("realesr-animevideov3", _png(photos.astronaut((48, 48))), 2)
+
+
+@pytest.mark.slow
+def test_the_sdk_through_ray_gets_the_pixels_of_a_local_run(ray_url: str, local_url: str, one_thread: None) -> None:
+    # Three at once: each replica runs one and the ingress holds the third.
+    jobs = [("realesr-animevideov3", photos.astronaut((96, 72)), 2.5), ("realesrgan-x4plus", photos.chelsea((60, 40)), 2),
+            ("realesrgan-x4plus-anime", photos.coffee((40, 40)), 4)]
+
+    def run(url: str, job: tuple[str, np.ndarray, float]) -> tuple[np.ndarray, dict[str, object]]:
+        model, pixels, scale = job
+        result = _sdk(url).images.edit(model=model, image=("photo.png", _png(pixels)), prompt="",
+                                       response_format="b64_json", extra_body={"scale_factor": scale})
+        assert result.data is not None and result.data[0].b64_json is not None
+        return _pixels(base64.b64decode(result.data[0].b64_json)), result.model_extra["metadata"]
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        on_ray = list(pool.map(lambda job: run(ray_url, job), jobs))
+    for job, (pixels, metadata) in zip(jobs, on_ray):
+        local_pixels, local_metadata = run(local_url, job)
+        assert np.array_equal(pixels, local_pixels), job[0]
+        assert metadata["executed_model"] == local_metadata["executed_model"]
+        assert metadata["provider"] == "local" and metadata["provider_name"] == "Loupe (Ray Serve, CPU)"
+
+    by_url = _sdk(ray_url).images.edit(model="realesr-animevideov3", image=("photo.png", _png(jobs[0][1])), prompt="",
+                                       extra_body={"scale_factor": 2.5})
+    assert by_url.data is not None and by_url.data[0].url is not None
+    assert np.array_equal(_pixels(httpx.get(by_url.data[0].url).content), on_ray[0][0])
+
+
+BAD = {
+    "an unknown model": ({"model": "no-such-model"}, _png(photos.astronaut((32, 32)))),
+    "a negative scale": ({"model": "realesr-animevideov3", "scale_factor": "-2"}, _png(photos.astronaut((32, 32)))),
+    "text as the image": ({"model": "realesr-animevideov3"}, b"this is not an image"),
+    # The header is whole, the pixels are cut: only the replica's full decode finds out.
+    "a truncated PNG": ({"model": "realesr-animevideov3"}, _png(photos.coffee((64, 64)))[:400]),
+    "an output past the limit": ({"model": "realesrgan-x4plus", "scale_factor": "400"}, _png(photos.coffee((64, 64)))),
+}
+
+
+@pytest.mark.slow
+def test_bad_input_through_ray_gets_exactly_the_local_4xx(ray_url: str, local_url: str) -> None:
+    for name, (fields, image) in BAD.items():
+        answers = [httpx.post(f"{url}/v1/images/edits", data=fields, files={"image": ("photo.png", image)},
+                              timeout=60) for url in (ray_url, local_url)]
+        on_ray, local = answers
+        assert 400 <= local.status_code < 500, name
+        assert on_ray.status_code == local.status_code, (name, on_ray.text)
+        assert on_ray.json() == local.json(), name
+        assert on_ray.headers.get("x-should-retry") == local.headers.get("x-should-retry"), name
+
+
+@pytest.mark.slow
+def test_a_full_queue_answers_429_with_retry_after(ray_url: str) -> None:
+    with ThreadPoolExecutor(6) as pool:
+        running = [pool.submit(_edit, ray_url, "realesr-animevideov3", _png(photos.coffee((400, 400))), 4)
+                   for _ in range(2)]
+        time.sleep(1)  # a job on each replica; of the next four, the ingress holds two (LOUPE_RAY_QUEUE=2)
+        more = list(pool.map(lambda _: _edit(ray_url, *SHORT), range(4)))
+        answers = [job.result() for job in running] + more
+    assert sorted(answer.status_code for answer in answers) == [200] * 4 + [429] * 2, [a.text for a in answers]
+    for answer in answers:
+        if answer.status_code == 429:
+            assert int(answer.headers["retry-after"]) >= 1
+            assert "x-should-retry" not in answer.headers  # worth retrying: the SDK does, after Retry-After
+            error = answer.json()["error"]
+            assert error["code"] == "RATE_LIMITED" and "LOUPE_RAY_QUEUE" in error["message"]
+
+
+@pytest.mark.slow
+def test_clients_that_hang_up_free_the_replicas(ray_url: str) -> None:
+    model, image, scale = LONG
+    with ThreadPoolExecutor(2) as pool:  # one on each replica; both clients give up after 3 s
+        hung_up = list(pool.map(lambda _: pytest.raises(httpx.TimeoutException, _edit, ray_url, model, image, scale,
+                                                        timeout=3), range(2)))
+    assert len(hung_up) == 2
+    time.sleep(1)
+    began = time.monotonic()
+    assert _edit(ray_url, *SHORT).status_code == 200
+    # Had either long job gone on, this one would have waited for it: tens of seconds on one CPU.
+    assert time.monotonic() - began < 5
+
+
+def _replica_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "ServeReplica:loupe:Upscaler"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+@pytest.mark.slow
+def test_a_killed_replica_fails_only_its_own_job(ray_url: str) -> None:
+    model, image, scale = LONG
+    pids = _replica_pids()
+    assert len(pids) == 2
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(_edit, ray_url, model, image, scale) for _ in range(2)]
+        time.sleep(3)  # both replicas are running one
+        os.kill(pids[0], signal.SIGKILL)
+        answers = sorted((job.result() for job in jobs), key=lambda answer: answer.status_code)
+    survived, lost = answers
+    assert survived.status_code == 200 and survived.json()["size"] == "1600x1600"
+    assert lost.status_code == 503, lost.text
+    assert lost.json()["error"]["code"] == "REPLICA_LOST" and "again" in lost.json()["error"]["message"]
+    assert "x-should-retry" not in lost.headers  # a retry goes to a live replica
+    assert _edit(ray_url, *SHORT).status_code == 200
+    deadline = time.monotonic() + 120  # and Serve brings the replica back
+    while len(_replica_pids()) < 2 or pids[0] in _replica_pids():
+        assert time.monotonic() < deadline
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_a_ray_batch_writes_what_the_local_batch_writes(tmp_path: Path, weights_dir: Path) -> None:
+    source = tmp_path / "photos"
+    _photo_folder(source)
+    data_dir = _short_dir()
+
+    def upscale(out: str, *flags: str) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
+        report = tmp_path / f"{out}.json"
+        done = subprocess.run([sys.executable, "-m", "server.cli", "upscale", str(source), "-o", str(tmp_path / out),
+                               "--model", "realesr-animevideov3", "--scale", "2", "--report", str(report), *flags],
+                              env=_env(weights_dir, data_dir), capture_output=True, text=True, timeout=300)
+        return done, json.loads(report.read_text())
+
+    local, local_report = upscale("local")
+    on_ray, ray_report = upscale("ray", "--ray")
+
+    assert (on_ray.returncode, local.returncode) == (1, 1), on_ray.stderr[-3000:]  # the truncated PNG, both times
+    assert "trip/cut.png: The image could not be decoded" in on_ray.stderr
+
+    def comparable(report: dict[str, object], out: str) -> list[dict[str, object]]:
+        return [{**record, "seconds": 0, "output": (record["output"] or "").replace(out, "OUT")}
+                for record in report["files"]]  # type: ignore[attr-defined]
+
+    assert comparable(ray_report, str(tmp_path / "ray")) == comparable(local_report, str(tmp_path / "local"))
+    outputs = sorted(path.relative_to(tmp_path / "local") for path in (tmp_path / "local").rglob("*") if path.is_file())
+    assert outputs == sorted(path.relative_to(tmp_path / "ray") for path in (tmp_path / "ray").rglob("*")
+                             if path.is_file())
+    for name in outputs:  # the same encoder on the same pixels: the same bytes, EXIF, ICC, 16 bits and alpha
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+    again, report = upscale("ray", "--ray")  # resumes: nothing left to do, so no Ray is even started
+    assert again.returncode == 1 and report["summary"]["skipped"] == 10  # type: ignore[index]
+
+
+def test_without_ray_installed_ray_says_how_to_install_it(tmp_path: Path, weights_dir: Path) -> None:
+    hidden = tmp_path / "no-ray" / "ray"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'ray'\", name='ray')\n")
+    env = {**_env(weights_dir, tmp_path / "data"), "PYTHONPATH": str(hidden.parent)}
+    for command in (["serve", "--ray"], ["upscale", str(tmp_path), "-o", str(tmp_path / "out"), "--ray"]):
+        done = subprocess.run([sys.executable, "-m", "server.cli", *command], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2
+        assert "pip install -e '.[ray]'" in done.stderr
+
+
+def test_every_domain_error_crosses_to_the_ingress_whole() -> None:
+    raised = [errors.QueueFull("busy", retry_after_s=3), errors.ModelUnavailable("gone", code="WEIGHTS_CORRUPT"),
+              errors.ShuttingDown("stopping"), errors.UpstreamRejected(413, "too big", "image"),
+              errors.InvalidInput("odd", "image"), errors.OutOfDeviceMemory("cuda:0", transient=True)]
+    for error in raised:
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and str(back) == str(error) and vars(back) == vars(error)
+
+
+@pytest.mark.parametrize(("resources", "device", "replicas", "expected"), [
+    ({"CPU": 16, "GPU": 4}, "auto", "auto", (4, True, {"num_gpus": 1, "num_cpus": 4})),
+    ({"CPU": 16, "GPU": 4}, "auto", 2, (2, True, {"num_gpus": 1, "num_cpus": 4})),
+    ({"CPU": 16, "GPU": 4}, "cpu", "auto", (8, False, {"num_cpus": 2})),  # LOUPE_DEVICE=cpu leaves the GPUs be
+    ({"CPU": 2}, "auto", "auto", (1, False, {"num_cpus": 2})),
+])
+def test_each_engine_takes_a_whole_gpu_or_its_cpus(resources: dict[str, float], device: str,
+                                                    replicas: int | str, expected: tuple[object, ...],
+                                                    tmp_path: Path) -> None:
+    settings = loupe_settings(tmp_path, tmp_path, device=device, ray_replica_cpus=2)
+    layout = plan_layout(replicas, resources, settings)  # type: ignore[arg-type]
+    assert (layout.max_replicas, layout.gpus, layout.resources) == expected

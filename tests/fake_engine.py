@@ -1,7 +1,7 @@
 """An `Engine` without models, for tests of everything around the engine: it resamples with Lanczos.
 
 It runs the real app (routing, fallback, limits, errors, metrics, progress) in milliseconds. A test
-can make it refuse (`busy`), fail (`fail_with`), hold jobs until released (`gate`), or lack a model's
+can make it refuse (`busy`, or `refused_runs` as they start), fail (`fail_with`), hold jobs until released (`gate`), or lack a model's
 weights (`missing`), and it counts what it was asked to do.
 """
 from __future__ import annotations
@@ -53,6 +53,7 @@ class FakeEngine:
     missing: set[str] = field(default_factory=set)  # model ids whose weights are "not here"
     busy_for_s: float | None = None  # when set, every reservation is refused with this retry-after
     fail_with: BaseException | None = None  # raised by every run
+    refused_runs: int = 0  # this many runs are refused as they start, as a cluster's full queue refuses them
     gate: threading.Event | None = None  # when set, runs wait for it
     reservations: list[FakeReservation] = field(default_factory=list)
     runs: int = 0
@@ -94,6 +95,9 @@ class FakeEngine:
 
     async def run(self, job: Job, *, reservation: Any = None, progress: Any = None,
                   cancel: threading.Event | None = None) -> Upscaled:
+        if self.refused_runs > 0:
+            self.refused_runs -= 1
+            raise QueueFull("the fake cluster's queue is full", retry_after_s=0.05)
         plan = await self.plan_job(job)
         picture = imagework.decode(job.image, self.settings.max_input_pixels)
         self.runs += 1

@@ -1,7 +1,7 @@
 """Loupe on Ray, as a user runs it: `loupe serve --ray` and `loupe upscale --ray` on a local Ray of this machine.
 
-The server runs 2 CPU Upscaler replicas of 1 CPU each behind the one ingress, with LOUPE_RAY_QUEUE=2: two jobs run
-and two wait, and the next is refused. Every request is sent to 127.0.0.1.
+The server runs 2 CPU Upscaler replicas of 1 CPU each behind the one ingress, with LOUPE_RAY_QUEUE=2: each replica
+holds two jobs, the ingress two more, and the next is refused. Every request is sent to 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +32,6 @@ from server.cluster.layout import plan_layout
 from tests import photos
 from tests.conftest import loupe_settings
 from tests.servers import free_port, serve
-from tests.test_batch import _photo_folder
 
 
 TILE = 64  # a job stops at its next tile when its client goes; both servers tile alike, so their pixels compare
@@ -40,7 +40,8 @@ ENV = {"LOUPE_DEVICE": "cpu", "LOUPE_COMPILE": "0", "LOUPE_TILE_SIZE": str(TILE)
 
 def _env(weights_dir: Path, data_dir: Path, **extra: str) -> dict[str, str]:
     clean = {name: value for name, value in os.environ.items() if not name.startswith("LOUPE_")}
-    return {**clean, **ENV, "LOUPE_WEIGHTS_DIR": str(weights_dir), "LOUPE_DATA_DIR": str(data_dir), **extra}
+    return {**clean, **ENV, "LOUPE_WEIGHTS_DIR": str(weights_dir), "LOUPE_DATA_DIR": str(data_dir),
+            "RAY_USAGE_STATS_ENABLED": "0", **extra}
 
 
 def _short_dir() -> Path:
@@ -72,6 +73,7 @@ def ray_url(weights_dir: Path) -> Iterator[str]:
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0, (data_dir / "serve.log").read_text()[-3000:]
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,6 @@ SHORT = ("realesr-animevideov3", _png(photos.astronaut((48, 48))), 2)
 
 @pytest.mark.slow
 def test_the_sdk_through_ray_gets_the_pixels_of_a_local_run(ray_url: str, local_url: str, one_thread: None) -> None:
-    # Three at once: each replica runs one and the ingress holds the third.
     jobs = [("realesr-animevideov3", photos.astronaut((96, 72)), 2.5), ("realesrgan-x4plus", photos.chelsea((60, 40)), 2),
             ("realesrgan-x4plus-anime", photos.coffee((40, 40)), 4)]
 
@@ -144,6 +145,36 @@ def test_the_sdk_through_ray_gets_the_pixels_of_a_local_run(ray_url: str, local_
                                        extra_body={"scale_factor": 2.5})
     assert by_url.data is not None and by_url.data[0].url is not None
     assert np.array_equal(_pixels(httpx.get(by_url.data[0].url).content), on_ray[0][0])
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} metric")
+
+
+@pytest.mark.slow
+def test_tile_progress_streams_back_from_the_replica_and_metrics_count_it(ray_url: str) -> None:
+    tiles_before = _metric(ray_url, "loupe_tiles_processed_total")
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(lambda: httpx.post(
+            f"{ray_url}/v1/images/edits", headers={"X-Request-Id": "ray-progress-1"},
+            data={"model": "realesr-animevideov3", "scale_factor": "4"},
+            files={"image": ("photo.png", _png(photos.coffee((400, 400))))}, timeout=300))
+        events = []
+        deadline = time.monotonic() + 60
+        while not events and time.monotonic() < deadline:  # the stream opens once the request is in
+            with httpx.stream("GET", f"{ray_url}/v1/progress/ray-progress-1", timeout=60) as stream:
+                if stream.status_code == 200:
+                    events = [json.loads(line.removeprefix("data: ")) for line in stream.iter_lines() if line]
+        assert job.result().status_code == 200
+    tiles = [event for event in events if event["stage"] == "running" and event["total"]]
+    assert len(tiles) > 3 and tiles[-1]["done"] == tiles[-1]["total"] == 49  # 400² in 64-px tiles, 7 × 7
+    assert [event["done"] for event in tiles] == sorted(event["done"] for event in tiles)
+    assert events[-1]["stage"] == "done"
+    assert _metric(ray_url, "loupe_tiles_processed_total") - tiles_before == 49
+    assert _metric(ray_url, "loupe_queue_depth") == 0
 
 
 BAD = {
@@ -170,13 +201,13 @@ def test_bad_input_through_ray_gets_exactly_the_local_4xx(ray_url: str, local_ur
 
 @pytest.mark.slow
 def test_a_full_queue_answers_429_with_retry_after(ray_url: str) -> None:
-    with ThreadPoolExecutor(6) as pool:
+    with ThreadPoolExecutor(8) as pool:
         running = [pool.submit(_edit, ray_url, "realesr-animevideov3", _png(photos.coffee((400, 400))), 4)
-                   for _ in range(2)]
-        time.sleep(1)  # a job on each replica; of the next four, the ingress holds two (LOUPE_RAY_QUEUE=2)
+                   for _ in range(4)]
+        time.sleep(1)  # two jobs in each replica; of the next four, the ingress holds two (LOUPE_RAY_QUEUE=2)
         more = list(pool.map(lambda _: _edit(ray_url, *SHORT), range(4)))
         answers = [job.result() for job in running] + more
-    assert sorted(answer.status_code for answer in answers) == [200] * 4 + [429] * 2, [a.text for a in answers]
+    assert sorted(answer.status_code for answer in answers) == [200] * 6 + [429] * 2, [a.text for a in answers]
     for answer in answers:
         if answer.status_code == 429:
             assert int(answer.headers["retry-after"]) >= 1
@@ -224,40 +255,6 @@ def test_a_killed_replica_fails_only_its_own_job(ray_url: str) -> None:
     while len(_replica_pids()) < 2 or pids[0] in _replica_pids():
         assert time.monotonic() < deadline
         time.sleep(1)
-
-
-@pytest.mark.slow
-def test_a_ray_batch_writes_what_the_local_batch_writes(tmp_path: Path, weights_dir: Path) -> None:
-    source = tmp_path / "photos"
-    _photo_folder(source)
-    data_dir = _short_dir()
-
-    def upscale(out: str, *flags: str) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
-        report = tmp_path / f"{out}.json"
-        done = subprocess.run([sys.executable, "-m", "server.cli", "upscale", str(source), "-o", str(tmp_path / out),
-                               "--model", "realesr-animevideov3", "--scale", "2", "--report", str(report), *flags],
-                              env=_env(weights_dir, data_dir), capture_output=True, text=True, timeout=300)
-        return done, json.loads(report.read_text())
-
-    local, local_report = upscale("local")
-    on_ray, ray_report = upscale("ray", "--ray")
-
-    assert (on_ray.returncode, local.returncode) == (1, 1), on_ray.stderr[-3000:]  # the truncated PNG, both times
-    assert "trip/cut.png: The image could not be decoded" in on_ray.stderr
-
-    def comparable(report: dict[str, object], out: str) -> list[dict[str, object]]:
-        return [{**record, "seconds": 0, "output": (record["output"] or "").replace(out, "OUT")}
-                for record in report["files"]]  # type: ignore[attr-defined]
-
-    assert comparable(ray_report, str(tmp_path / "ray")) == comparable(local_report, str(tmp_path / "local"))
-    outputs = sorted(path.relative_to(tmp_path / "local") for path in (tmp_path / "local").rglob("*") if path.is_file())
-    assert outputs == sorted(path.relative_to(tmp_path / "ray") for path in (tmp_path / "ray").rglob("*")
-                             if path.is_file())
-    for name in outputs:  # the same encoder on the same pixels: the same bytes, EXIF, ICC, 16 bits and alpha
-        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
-
-    again, report = upscale("ray", "--ray")  # resumes: nothing left to do, so no Ray is even started
-    assert again.returncode == 1 and report["summary"]["skipped"] == 10  # type: ignore[index]
 
 
 def test_without_ray_installed_ray_says_how_to_install_it(tmp_path: Path, weights_dir: Path) -> None:

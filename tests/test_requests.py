@@ -137,6 +137,16 @@ def test_prefer_respond_async_runs_in_the_background_without_a_webhook(tmp_path:
         assert inline.status_code == 400 and inline.json()["error"]["param"] == "response_format"
 
 
+def test_an_async_job_a_cluster_refuses_as_it_is_sent_waits_and_completes(tmp_path: Path) -> None:
+    settings = loupe_settings(Path("weights"), tmp_path / "data")
+    cluster = FakeEngine(settings, refused_runs=2)  # a Ray cluster's queue, full for the first two sends
+    with loupe(tmp_path, cluster) as client:
+        accepted = submit(client, headers={"Prefer": "respond-async"})
+        done = wait_status(client, accepted.json()["id"], "completed", "failed")
+    assert done["status"] == "completed" and done["error"] is None
+    assert cluster.runs == 1 and cluster.refused_runs == 0
+
+
 def test_a_failing_receiver_is_retried_and_every_attempt_is_recorded(tmp_path: Path) -> None:
     receiver = Receiver(statuses=[500, 503])
     with serve(receiver.app) as receiver_url, loupe(tmp_path) as client:

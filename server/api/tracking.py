@@ -112,10 +112,16 @@ class Tracker:
         running.task = asyncio.create_task(self._background(request_id, work, running))
 
     async def _background(self, request_id: str, work: Work, running: _Running) -> None:
+        taken = False
+
         async def started() -> None:
+            nonlocal taken
+            if taken:  # sent again after a cluster's full queue refused it: it is still this run
+                return
             if not await asyncio.to_thread(self.store.update, request_id, only_if=("pending",),
                                            status="processing", started_at=time.time()):
                 raise Cancelled("the request was cancelled before it started")
+            taken = True
 
         try:
             response = await work(running.cancel, started)

@@ -4,7 +4,7 @@ Ray is an optional extra (`pip install -e '.[ray]'`): nothing outside this packa
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 
 from server.config import SettingsError
 
@@ -12,11 +12,10 @@ INSTALL_HINT = "pip install -e '.[ray]' (it brings ray[serve,data] 2.60)"
 
 
 def require_ray() -> None:
-    """A SettingsError that says how to install Ray, when it isn't."""
-    try:
-        import ray  # noqa: F401
-    except ImportError as missing:
-        raise SettingsError(f"--ray needs Ray, which is not installed ({missing}): {INSTALL_HINT}") from None
-    for part in ("ray.serve", "ray.data"):
-        if importlib.util.find_spec(part) is None:
-            raise SettingsError(f"--ray needs {part}, which this Ray lacks: {INSTALL_HINT}")
+    """A SettingsError that says how to install Ray, when it or the parts Loupe uses (and their own
+    dependencies) are missing."""
+    for part in ("ray", "ray.serve", "ray.data"):
+        try:
+            importlib.import_module(part)
+        except ImportError as missing:
+            raise SettingsError(f"--ray needs {part}, which can't be imported ({missing}): {INSTALL_HINT}") from None

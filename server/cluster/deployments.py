@@ -4,8 +4,9 @@
                                  └─ handle, stream ─► Upscaler × N (one LocalEngine on one device)
 
 A job travels to an Upscaler as the client's encoded image and comes back as encoded results (never as pixels),
-with its tile progress streamed before it. An Upscaler takes one job at a time (`max_ongoing_requests=1`); the
-ingress's handle holds up to LOUPE_RAY_QUEUE more, and past that Serve refuses the job, which becomes a 429.
+with its tile progress streamed before it. An Upscaler holds two jobs (one on its device, the other decoding or
+encoding beside it); the ingress's handle holds up to LOUPE_RAY_QUEUE more, and past that Serve refuses the job,
+which becomes a 429.
 """
 from __future__ import annotations
 

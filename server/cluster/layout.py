@@ -8,6 +8,11 @@ from typing import Any, Literal
 from server.config import Settings
 
 
+# Jobs a replica holds: one on its device, and one decoding or encoding beside it, as a local server overlaps
+# them. Its engine runs one at a time on the device.
+JOBS_PER_REPLICA = 2
+
+
 @dataclass(frozen=True)
 class Layout:
     """`replicas` engines, or `auto`: Serve autoscaling between 1 and `max_replicas` (what the cluster holds)."""
@@ -24,9 +29,9 @@ class Layout:
         return {"num_gpus": 1, "num_cpus": self.replica_cpus} if self.gpus else {"num_cpus": self.replica_cpus}
 
     def serve_options(self, settings: Settings, env: dict[str, str]) -> dict[str, Any]:
-        """The Upscaler deployment's options: one job at a time, LOUPE_RAY_QUEUE waiting per caller."""
+        """The Upscaler deployment's options: JOBS_PER_REPLICA in each, LOUPE_RAY_QUEUE waiting per caller."""
         options: dict[str, Any] = {"ray_actor_options": {**self.resources, "runtime_env": {"env_vars": env}},
-                                   "max_ongoing_requests": 1, "max_queued_requests": settings.ray_queue,
+                                   "max_ongoing_requests": JOBS_PER_REPLICA, "max_queued_requests": settings.ray_queue,
                                    "graceful_shutdown_timeout_s": settings.request_timeout_s}
         if self.replicas == "auto":
             # Never to zero: a cold replica loads torch, the weights and maybe a compile before its first job.

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Literal
 
 import ray
+import torch
 from ray import serve
 
 from server.cluster.deployments import APP, application
 from server.cluster.layout import plan_layout
 from server.config import Settings
+from server.engine.precision import check_setting
 
 log = logging.getLogger("loupe.ray")
 # Ray puts its sockets under the temp dir, at about 60 characters more; a Unix socket path holds 107.
@@ -38,6 +40,8 @@ def connected(settings: Settings, address: str | None) -> Iterator[None]:
     """Ray, for the length of the block: the cluster at `address`, or else a Ray of this machine on loopback,
     without its dashboard, its session files under the data dir (stopped with the block)."""
     runtime_env = {"env_vars": loupe_env(settings)}
+    # A Ray Loupe starts reports nothing to Ray's usage-stats server unless the user asks it to.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address is not None:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:
@@ -65,12 +69,13 @@ def serve_until_stopped(settings: Settings, address: str | None, replicas: int |
     """Deploy the ingress and the Upscalers, serve at LOUPE_HOST:LOUPE_PORT, and take them down on SIGINT or
     SIGTERM (with the local Ray; on a cluster, only Loupe's application)."""
     with connected(settings, address):
-        stop = threading.Event()  # the handlers go in after ray.init, which sets its own
-        previous = {number: signal.signal(number, lambda *_: stop.set()) for number in (signal.SIGINT, signal.SIGTERM)}
         layout = plan_layout(replicas, ray.cluster_resources(), settings)
+        check_setting(settings.precision, [torch.device("cuda" if layout.gpus else "cpu")])
         # Serve's own deadline stays behind Loupe's, which answers in the OpenAI shape.
         serve.start(http_options={"host": settings.host, "port": settings.port,
                                   "request_timeout_s": settings.request_timeout_s + 30})
+        stop = threading.Event()  # the handlers go in after ray.init, which sets its own
+        previous = {number: signal.signal(number, lambda *_: stop.set()) for number in (signal.SIGINT, signal.SIGTERM)}
         try:
             serve.run(application(settings, layout, loupe_env(settings)), name=APP, route_prefix="/")
             count = f"1 to {layout.max_replicas}" if layout.replicas == "auto" else str(layout.replicas)

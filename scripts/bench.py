@@ -760,6 +760,12 @@ def _cpu_flags() -> str:
     return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in wanted)
 
 
+def append_section(path: Path, text: str) -> None:
+    """`text` as the last section of the markdown file at `path` (made if missing)."""
+    existing = path.read_text() if path.exists() else "# Benchmarks\n"
+    path.write_text(existing.rstrip("\n") + "\n\n" + text)
+
+
 def _revision() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -832,8 +838,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(runs, args, command)
     print(text)
     if args.write:
-        existing = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
-        args.write.write_text(existing.rstrip("\n") + "\n\n" + text)
+        append_section(args.write, text)
 
 
 if __name__ == "__main__":

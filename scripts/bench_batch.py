@@ -32,7 +32,7 @@ import spandrel
 import torch
 from PIL import Image
 
-from scripts.bench import WEIGHTS_DIR, _cpu_flags, _device_name, _revision, psnr
+from scripts.bench import WEIGHTS_DIR, _cpu_flags, _device_name, _revision, append_section, psnr
 from server import batch, catalog, folders
 from server.config import Settings
 from server.engine.models import execution_for
@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(rows, args, runs_as, command)
     print(text)
     if args.write is not None:
-        existing = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
-        args.write.write_text(existing.rstrip("\n") + "\n\n" + text)
+        append_section(args.write, text)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from scripts.bench import WEIGHTS_DIR, _cpu_flags, _device_name, _revision
+from scripts.bench import WEIGHTS_DIR, _cpu_flags, _device_name, _revision, append_section
 
 MODEL = "realesr-animevideov3"
 CONTENDERS = {
@@ -203,8 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(figures, args, command)
     print(text)
     if args.write is not None:
-        existing = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
-        args.write.write_text(existing.rstrip("\n") + "\n\n" + text)
+        append_section(args.write, text)
 
 
 if __name__ == "__main__":

@@ -176,32 +176,48 @@ class FileWork:
     def whole(self, item: Item, data: bytes, device: torch.device) -> Record:
         """Every step of one file read elsewhere (the Ray Data batch): prepare, run, save, each guarded."""
         began = time.monotonic()
-        loaded = self.guarded(item, lambda: self.prepare(item, data, began))
+        loaded = guarded(item, lambda: self.prepare(item, data, began))
         if isinstance(loaded, Record):
             return loaded
-        result = self.guarded(item, lambda: self.run(loaded, device), loaded.seconds)
+        result = guarded(item, lambda: self.run(loaded, device), loaded.seconds)
         if isinstance(result, Record):
             return result
-        return self.guarded(item, lambda: self.save(result), result.seconds)
-
-    def guarded(self, item: Item, step: Callable[[], T], seconds: float = 0.0) -> T | Record:
-        """`step()`, for `item`, which has had `seconds` of work so far; or the record of how it failed."""
-        began = time.monotonic()
-        try:
-            return step()
-        except Cancelled:
-            return interrupted(item, seconds + time.monotonic() - began)
-        except (LoupeError, OSError) as error:
-            reason = error.message if isinstance(error, LoupeError) else f"{error.strerror or error}"
-            if isinstance(error, InvalidInput) and error.code == "IMAGE_TOO_LARGE":
-                reason += " (raise LOUPE_MAX_INPUT_PIXELS for larger inputs)"
-            return _failed(item, reason, seconds + time.monotonic() - began)
-        except Exception as error:  # a fault nobody foresaw: the file fails with it, the others go on
-            log.exception("upscaling %s failed", item.source)
-            return _failed(item, f"{type(error).__name__}: {error}", seconds + time.monotonic() - began)
+        return guarded(item, lambda: self.save(result), result.seconds)
 
 
-def existing(item: Item, options: Options) -> Record | None:
+def guarded(item: Item, step: Callable[[], T], seconds: float = 0.0) -> T | Record:
+    """`step()`, for `item`, which has had `seconds` of work so far; or the record of how it failed."""
+    began = time.monotonic()
+    try:
+        return step()
+    except Cancelled:
+        return interrupted(item, seconds + time.monotonic() - began)
+    except (LoupeError, OSError) as error:
+        reason = error.message if isinstance(error, LoupeError) else f"{error.strerror or error}"
+        if isinstance(error, InvalidInput) and error.code == "IMAGE_TOO_LARGE":
+            reason += " (raise LOUPE_MAX_INPUT_PIXELS for larger inputs)"
+        return _failed(item, reason, seconds + time.monotonic() - began)
+    except Exception as error:  # a fault nobody foresaw: the file fails with it, the others go on
+        log.exception("upscaling %s failed", item.source)
+        return _failed(item, f"{type(error).__name__}: {error}", seconds + time.monotonic() - began)
+
+
+def set_aside(items: Sequence[Item], refused: Sequence[Refused], options: Options) -> tuple[list[Record], list[Item]]:
+    """The records of the files that need no run (refused, or whose output is there and may stay), and the files
+    that do."""
+    records = [Record(path=str(refusal.source), output=str(refusal.output) if refusal.output else None,
+                      status="failed", reason=refusal.reason) for refusal in refused]
+    pending = []
+    for item in items:
+        skipped = guarded(item, lambda: _existing(item, options))
+        if skipped is None:
+            pending.append(item)
+        else:
+            records.append(skipped)
+    return records, pending
+
+
+def _existing(item: Item, options: Options) -> Record | None:
     """The file's "skipped" record when its output is already there and may stay."""
     if options.overwrite or not item.output.exists():
         return None
@@ -259,16 +275,9 @@ class Batch:
     def run(self) -> Report:
         """Every file, through the pipeline; returns when all are done or the batch was stopped."""
         started = time.monotonic()
-        for refusal in self.refused:
-            self._emit(Record(path=str(refusal.source), output=str(refusal.output) if refusal.output else None,
-                              status="failed", reason=refusal.reason))
-        pending = []
-        for item in self.items:
-            skipped = self._work.guarded(item, lambda: existing(item, self._work.options))
-            if skipped is None:
-                pending.append(item)
-            else:
-                self._emit(skipped)
+        settled, pending = set_aside(self.items, self.refused, self._work.options)
+        for record in settled:
+            self._emit(record)
         devices = self.engine.devices
         width = len(devices)
         decoded: queue.Queue[Loaded | None] = queue.Queue(maxsize=width)
@@ -311,7 +320,7 @@ class Batch:
                     item = next(work, None)
                 if item is None:
                     break
-                loaded = self._work.guarded(item, lambda: self._work.load(item))
+                loaded = guarded(item, lambda: self._work.load(item))
                 if isinstance(loaded, Record):
                     self._emit(loaded)
                 else:
@@ -331,7 +340,7 @@ class Batch:
                 if self._stopping.is_set():
                     self._emit(interrupted(loaded.item, loaded.seconds))
                     continue
-                result = self._work.guarded(loaded.item, lambda: self._work.run(loaded, device), loaded.seconds)
+                result = guarded(loaded.item, lambda: self._work.run(loaded, device), loaded.seconds)
                 if isinstance(result, Record):
                     self._emit(result)
                 else:
@@ -341,7 +350,7 @@ class Batch:
 
     def _write(self, upscaled: queue.Queue[Upscaled | None]) -> None:
         while (result := upscaled.get()) is not None:
-            self._emit(self._work.guarded(result.loaded.item, lambda: self._work.save(result), result.seconds))
+            self._emit(guarded(result.loaded.item, lambda: self._work.save(result), result.seconds))
 
     def _emit(self, record: Record) -> None:
         self._records.put(record)

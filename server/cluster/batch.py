@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from server.batch import FileWork, Options, Record, Report, existing, interrupted, summarize
+from server.batch import FileWork, Options, Record, Report, interrupted, set_aside, summarize
 from server.cluster.layout import plan_layout, use_actor_cpus
 from server.cluster.runtime import connected
 from server.config import Settings
@@ -76,16 +76,9 @@ class RayBatch:
 
     def run(self) -> Report:
         started = time.monotonic()
-        for refusal in self.refused:
-            self._deliver(Record(path=str(refusal.source), output=str(refusal.output) if refusal.output else None,
-                                 status="failed", reason=refusal.reason))
-        pending = []
-        for item in self.items:
-            skipped = existing(item, self.options)
-            if skipped is None:
-                pending.append(item)
-            else:
-                self._deliver(skipped)
+        settled, pending = set_aside(self.items, self.refused, self.options)
+        for record in settled:
+            self._deliver(record)
         if pending:
             with connected(self.settings, self.address):
                 self._run_on_ray(pending)

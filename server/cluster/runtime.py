@@ -40,8 +40,10 @@ def connected(settings: Settings, address: str | None) -> Iterator[None]:
     """Ray, for the length of the block: the cluster at `address`, or else a Ray of this machine on loopback,
     without its dashboard, its session files under the data dir (stopped with the block)."""
     runtime_env = {"env_vars": loupe_env(settings)}
-    # A Ray Loupe starts reports nothing to Ray's usage-stats server unless the user asks it to.
+    # A Ray Loupe starts reports nothing to Ray's usage-stats server unless the user asks it to; and its workers
+    # keep gRPC to errors, which otherwise logs a line for each process OpenVINO's conversion forks.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     if address is not None:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:

@@ -16,8 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -49,31 +51,62 @@ def _short_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="loupe-ray-test-", dir="/tmp"))
 
 
+@dataclass(frozen=True)
+class Cluster:
+    address: str
+    env: dict[str, str]  # a client's, with the cluster's token
+    data_dir: Path
+
+
 @pytest.fixture(scope="module")
-def ray_url(weights_dir: Path) -> Iterator[str]:
-    """`loupe serve --ray --replicas 2`, ready."""
-    port = free_port()
+def cluster(weights_dir: Path) -> Iterator[Cluster]:
+    """A Ray cluster of this machine, started as the README starts a head node, with Ray's token authentication.
+
+    (`loupe upscale --ray`'s tests take the other way in: a Ray of this machine that Loupe starts itself.)"""
     data_dir = _short_dir()
-    log = (data_dir / "serve.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--ray", "--replicas", "2", "--port",
-                               str(port)], env=_env(weights_dir, data_dir), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert server.poll() is None, (data_dir / "serve.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "loupe serve --ray did not get ready"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    env = _env(weights_dir, data_dir, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
+    ray_port = free_port()
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(ray_port),
+                    "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
+                    "--temp-dir", str(data_dir / "cluster")], env=env, check=True, capture_output=True, timeout=120)
     try:
-        yield url
+        yield Cluster(f"127.0.0.1:{ray_port}", env, data_dir)
+        status = subprocess.run([ray_cli, "status", "--address", f"127.0.0.1:{ray_port}"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr  # Loupe left; the cluster stays
     finally:
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=60) == 0, (data_dir / "serve.log").read_text()[-3000:]
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_url(cluster: Cluster) -> Iterator[str]:
+    """`loupe serve --ray --address ADDR --replicas 2` on the cluster, ready."""
+    port = free_port()
+    log_path = cluster.data_dir / "serve.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--ray", "--address", cluster.address,
+                                   "--replicas", "2", "--port", str(port)],
+                                  env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "loupe serve --ray did not get ready"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url
+        server.send_signal(signal.SIGTERM)  # Loupe's application leaves the cluster
+        assert server.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +288,15 @@ def test_a_killed_replica_fails_only_its_own_job(ray_url: str) -> None:
     while len(_replica_pids()) < 2 or pids[0] in _replica_pids():
         assert time.monotonic() < deadline
         time.sleep(1)
+
+
+@pytest.mark.slow
+def test_joining_a_cluster_without_its_token_says_how_to_give_it(cluster: Cluster) -> None:
+    env = {name: value for name, value in cluster.env.items() if not name.startswith("RAY_AUTH")}
+    refused = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--ray", "--address", cluster.address,
+                              "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "RAY_AUTH_MODE=token" in refused.stderr and cluster.address in refused.stderr
 
 
 def test_without_ray_installed_ray_says_how_to_install_it(tmp_path: Path, weights_dir: Path) -> None:

@@ -8,7 +8,8 @@ the file's record comes back. The driver skips existing outputs before anything 
 the summary and the exit status are the local batch's.
 
 A stop (Ctrl-C, SIGTERM) ends the run at once: the files in flight are discarded (outputs are written by
-rename, never half) and reported as interrupted, and a later run resumes with them.
+rename, never half) and reported as interrupted, and a later run resumes with them. A file whose output was
+written just before the stop, though its record had not come back, is reported as upscaled.
 """
 from __future__ import annotations
 
@@ -48,6 +49,16 @@ class _Upscaler:
         return {"record": [record.model_dump_json() for record in records]}
 
 
+def _written_meanwhile(item: Item, since: float) -> Record | None:
+    """The record of a file whose output this run wrote (whole: by rename) before a stop cut its record short."""
+    try:
+        written = item.output.stat().st_mtime >= since
+    except FileNotFoundError:
+        return None
+    return Record(path=str(item.source), output=str(item.output), status="upscaled",
+                  reason="written just before the stop, which cut its record short") if written else None
+
+
 def _key(path: str) -> str:
     """A file as the driver names it and as Ray Data's `path` column does (without the leading slash)."""
     return path.lstrip("/")
@@ -75,7 +86,7 @@ class RayBatch:
         self._stopping.set()
 
     def run(self) -> Report:
-        started = time.monotonic()
+        started, since = time.monotonic(), time.time()
         settled, pending = set_aside(self.items, self.refused, self.options)
         for record in settled:
             self._deliver(record)
@@ -84,8 +95,8 @@ class RayBatch:
                 self._run_on_ray(pending)
         done = {record.path for record in self.records}
         for item in pending:
-            if str(item.source) not in done:
-                self._deliver(interrupted(item, started=False))
+            if str(item.source) not in done:  # stopped: Ray's actors are gone now, and wrote what they wrote
+                self._deliver(_written_meanwhile(item, since) or interrupted(item, started=False))
         records = sorted(self.records, key=lambda record: record.path)
         return Report(summary=summarize(records, time.monotonic() - started, self.stopped), files=records)
 

@@ -18,7 +18,7 @@ from ray import serve
 
 from server.cluster.deployments import APP, application
 from server.cluster.layout import plan_layout
-from server.config import Settings
+from server.config import Settings, SettingsError
 from server.engine.precision import check_setting
 
 log = logging.getLogger("loupe.ray")
@@ -45,7 +45,7 @@ def connected(settings: Settings, address: str | None) -> Iterator[None]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     if address is not None:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        _join(address, runtime_env)
     else:
         temp_dir = _session_dir(settings)
         ray.init(include_dashboard=False, _temp_dir=str(temp_dir), _node_ip_address="127.0.0.1",
@@ -54,6 +54,18 @@ def connected(settings: Settings, address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _join(address: str, runtime_env: dict[str, object]) -> None:
+    """Connect to the cluster at `address`, or say what stands in the way as a SettingsError."""
+    try:
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError) as failure:
+        # Ray reports a missing token only in its log, as a failure to connect.
+        hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
+            "; a cluster with Ray's token authentication (`ray start`'s default) takes only clients with its token: "
+            "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or the token in ~/.ray/auth_token) where loupe runs")
+        raise SettingsError(f"could not join the Ray cluster at {address}: {failure}{hint}") from None
 
 
 def _session_dir(settings: Settings) -> Path:

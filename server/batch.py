@@ -196,10 +196,10 @@ def guarded(item: Item, step: Callable[[], T], seconds: float = 0.0) -> T | Reco
         reason = error.message if isinstance(error, LoupeError) else f"{error.strerror or error}"
         if isinstance(error, InvalidInput) and error.code == "IMAGE_TOO_LARGE":
             reason += " (raise LOUPE_MAX_INPUT_PIXELS for larger inputs)"
-        return _failed(item, reason, seconds + time.monotonic() - began)
+        return failed(item, reason, seconds + time.monotonic() - began)
     except Exception as error:  # a fault nobody foresaw: the file fails with it, the others go on
         log.exception("upscaling %s failed", item.source)
-        return _failed(item, f"{type(error).__name__}: {error}", seconds + time.monotonic() - began)
+        return failed(item, f"{type(error).__name__}: {error}", seconds + time.monotonic() - began)
 
 
 def set_aside(items: Sequence[Item], refused: Sequence[Refused], options: Options) -> tuple[list[Record], list[Item]]:
@@ -236,7 +236,7 @@ def summarize(records: Sequence[Record], seconds: float, stopped: bool) -> Summa
                    images_per_second=round(counts["upscaled"] / seconds, 3) if seconds > 0 else 0.0, **counts)
 
 
-def _failed(item: Item, reason: str, seconds: float) -> Record:
+def failed(item: Item, reason: str, seconds: float) -> Record:
     return Record(path=str(item.source), output=str(item.output), status="failed", reason=reason,
                   seconds=round(seconds, 3))
 
@@ -249,6 +249,8 @@ def interrupted(item: Item, seconds: float = 0.0, started: bool = True) -> Recor
 
 
 class Batch:
+    ON_STOP = "no new files; finishing the ones on the device (again to discard them)"
+
     def __init__(self, engine: LocalEngine, settings: Settings, options: Options, items: list[Item],
                  refused: Sequence[Refused] = (), on_record: Callable[[Record], None] | None = None) -> None:
         self.engine = engine
@@ -307,7 +309,7 @@ class Batch:
         for item in (item for item in pending if str(item.source) not in done):
             # Without a stop, only a fault in a stage itself (logged) leaves a file without its record.
             self._deliver(interrupted(item, started=False) if self.stopped
-                          else _failed(item, "an internal error stopped this file; see the log", 0.0))
+                          else failed(item, "an internal error stopped this file; see the log", 0.0))
         records = sorted(self.records, key=lambda record: record.path)
         return Report(summary=summarize(records, time.monotonic() - started, self.stopped), files=records)
 

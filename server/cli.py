@@ -41,10 +41,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     RequestStore(database_path(settings)).close()  # and so does a database that can't be used
     if args.ray:
         from server.cluster.runtime import serve_until_stopped
-        from server.logs import configure_logging
+        from server.logs import configure_logging_for
 
-        configure_logging(settings.log_level, secrets=[*settings.api_keys, settings.fal_key, settings.gateway_key,
-                                                       settings.webhook_secret])
+        configure_logging_for(settings)
         serve_until_stopped(settings, args.address, args.replicas)
     else:
         serve.run(settings)
@@ -137,8 +136,7 @@ def _stopping_on_signals(work: Batch | RayBatch) -> Iterator[list[int]]:
         # os.write, not print: the handler may run while the main thread is inside a write to stderr.
         if len(received) == 1:
             work.stop()
-            os.write(2, b"\nloupe: stopping: no new files; finishing the ones on the device (again to discard "
-                        b"them)\n")
+            os.write(2, f"\nloupe: stopping: {work.ON_STOP}\n".encode())
         elif len(received) == 2:
             work.stop(discard_running=True)
             os.write(2, b"\nloupe: discarding the files in flight (again to quit at once)\n")

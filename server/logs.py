@@ -10,6 +10,10 @@ import logging
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.config import Settings
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
@@ -95,3 +99,9 @@ def configure_logging(level: str, *, secrets: Iterable[str | None] = ()) -> None
         server_logger = logging.getLogger(name)
         server_logger.handlers.clear()
         server_logger.propagate = True
+
+
+def configure_logging_for(settings: Settings) -> None:
+    """`configure_logging` at the settings' level, with every secret they hold redacted."""
+    configure_logging(settings.log_level,
+                      secrets=[*settings.api_keys, settings.fal_key, settings.gateway_key, settings.webhook_secret])

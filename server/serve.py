@@ -17,7 +17,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from server.api.middleware import Admission
 from server.app import create_app
 from server.config import Settings
-from server.logs import configure_logging
+from server.logs import configure_logging_for
 
 log = logging.getLogger("loupe.serve")
 
@@ -99,8 +99,7 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
 
 
 def run(settings: Settings) -> None:
-    configure_logging(settings.log_level,
-                      secrets=[*settings.api_keys, settings.fal_key, settings.gateway_key, settings.webhook_secret])
+    configure_logging_for(settings)
     app = create_app(settings)
     config = uvicorn_config(app, settings)
     asyncio.run(_DrainingServer(config, app.state.admission, settings.request_timeout_s).serve())

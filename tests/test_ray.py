@@ -31,6 +31,7 @@ from PIL import Image
 
 from server import errors
 from server.cluster.layout import plan_layout
+from server.config import SettingsError
 from tests import photos
 from tests.conftest import loupe_settings
 from tests.servers import free_port, serve
@@ -252,15 +253,23 @@ def test_a_full_queue_answers_429_with_retry_after(ray_url: str) -> None:
 @pytest.mark.slow
 def test_clients_that_hang_up_free_the_replicas(ray_url: str) -> None:
     model, image, scale = LONG
-    with ThreadPoolExecutor(2) as pool:  # one on each replica; both clients give up after 3 s
-        hung_up = list(pool.map(lambda _: pytest.raises(httpx.TimeoutException, _edit, ray_url, model, image, scale,
-                                                        timeout=3), range(2)))
-    assert len(hung_up) == 2
+    with ThreadPoolExecutor(4) as pool:  # two in each replica, the most each holds; every client gives up after 3 s
+        hung_up = [pool.submit(pytest.raises, httpx.TimeoutException, _edit, ray_url, model, image, scale, timeout=3)
+                   for _ in _paced(4)]
+        assert all(attempt.result() for attempt in hung_up)
     time.sleep(1)
     began = time.monotonic()
     assert _edit(ray_url, *SHORT).status_code == 200
-    # Had either long job gone on, this one would have waited for it: tens of seconds on one CPU.
+    # Had the long jobs gone on, this one would have waited for one: tens of seconds on one CPU.
     assert time.monotonic() - began < 5
+
+
+def _paced(count: int) -> Iterator[int]:
+    """`count` turns a quarter of a second apart: each request is handed to a replica before the next comes (Serve
+    counts jobs that arrive in the same instant against LOUPE_RAY_QUEUE)."""
+    for turn in range(count):
+        yield turn
+        time.sleep(0.25)
 
 
 def _replica_pids() -> list[int]:
@@ -269,20 +278,21 @@ def _replica_pids() -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_killed_replica_fails_only_its_own_job(ray_url: str) -> None:
-    model, image, scale = LONG
+def test_a_killed_replica_fails_only_its_own_jobs(ray_url: str) -> None:
     pids = _replica_pids()
     assert len(pids) == 2
-    with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(_edit, ray_url, model, image, scale) for _ in range(2)]
-        time.sleep(3)  # both replicas are running one
+    job = ("realesr-animevideov3", _png(photos.coffee((400, 400))), 4)  # seconds each, two after another
+    with ThreadPoolExecutor(4) as pool:  # two in each replica, the most each holds
+        jobs = [pool.submit(_edit, ray_url, *job) for _ in _paced(4)]
+        time.sleep(1)
         os.kill(pids[0], signal.SIGKILL)
         answers = sorted((job.result() for job in jobs), key=lambda answer: answer.status_code)
-    survived, lost = answers
-    assert survived.status_code == 200 and survived.json()["size"] == "1600x1600"
-    assert lost.status_code == 503, lost.text
-    assert lost.json()["error"]["code"] == "REPLICA_LOST" and "again" in lost.json()["error"]["message"]
-    assert "x-should-retry" not in lost.headers  # a retry goes to a live replica
+    assert [answer.status_code for answer in answers] == [200, 200, 503, 503], [a.text for a in answers]
+    for survived in answers[:2]:
+        assert survived.json()["size"] == "1600x1600"
+    for lost in answers[2:]:
+        assert lost.json()["error"]["code"] == "REPLICA_LOST" and "again" in lost.json()["error"]["message"]
+        assert "x-should-retry" not in lost.headers  # a retry goes to a live replica
     assert _edit(ray_url, *SHORT).status_code == 200
     deadline = time.monotonic() + 120  # and Serve brings the replica back
     while len(_replica_pids()) < 2 or pids[0] in _replica_pids():
@@ -320,15 +330,31 @@ def test_every_domain_error_crosses_to_the_ingress_whole() -> None:
         assert type(back) is type(error) and str(back) == str(error) and vars(back) == vars(error)
 
 
-@pytest.mark.parametrize(("resources", "device", "replicas", "expected"), [
-    ({"CPU": 16, "GPU": 4}, "auto", "auto", (4, True, {"num_gpus": 1, "num_cpus": 4})),
-    ({"CPU": 16, "GPU": 4}, "auto", 2, (2, True, {"num_gpus": 1, "num_cpus": 4})),
-    ({"CPU": 16, "GPU": 4}, "cpu", "auto", (8, False, {"num_cpus": 2})),  # LOUPE_DEVICE=cpu leaves the GPUs be
-    ({"CPU": 2}, "auto", "auto", (1, False, {"num_cpus": 2})),
+def _nodes(*resources: dict[str, float]) -> list[dict[str, object]]:
+    return [{"Alive": True, "Resources": node} for node in resources] + [{"Alive": False, "Resources": {"GPU": 8}}]
+
+
+@pytest.mark.parametrize(("nodes", "device", "replicas", "expected"), [
+    (_nodes({"CPU": 16, "GPU": 4}), "auto", "auto", (4, True, {"num_gpus": 1, "num_cpus": 4})),
+    (_nodes({"CPU": 16, "GPU": 4}), "auto", 2, (2, True, {"num_gpus": 1, "num_cpus": 4})),
+    # A head of many CPUs and no GPU gives the GPU replicas no more CPUs than the GPU nodes have.
+    (_nodes({"CPU": 64}, {"CPU": 4, "GPU": 2}), "auto", "auto", (2, True, {"num_gpus": 1, "num_cpus": 2})),
+    (_nodes({"CPU": 16, "GPU": 4}), "cpu", "auto", (8, False, {"num_cpus": 2})),  # LOUPE_DEVICE=cpu: no GPUs
+    (_nodes({"CPU": 2}), "auto", "auto", (1, False, {"num_cpus": 2})),
+    (_nodes({"CPU": 3}, {"CPU": 3}), "auto", 2, (2, False, {"num_cpus": 2})),  # one on each node
 ])
-def test_each_engine_takes_a_whole_gpu_or_its_cpus(resources: dict[str, float], device: str,
+def test_each_engine_takes_a_whole_gpu_or_its_cpus(nodes: list[dict[str, object]], device: str,
                                                     replicas: int | str, expected: tuple[object, ...],
                                                     tmp_path: Path) -> None:
     settings = loupe_settings(tmp_path, tmp_path, device=device, ray_replica_cpus=2)
-    layout = plan_layout(replicas, resources, settings)  # type: ignore[arg-type]
+    layout = plan_layout(replicas, nodes, settings)  # type: ignore[arg-type]
     assert (layout.max_replicas, layout.gpus, layout.resources) == expected
+
+
+@pytest.mark.parametrize(("nodes", "replicas"), [(_nodes({"CPU": 2}), 2), (_nodes({"CPU": 1}), "auto"),
+                                                 (_nodes({"CPU": 8, "GPU": 1}), 2)])
+def test_replicas_the_cluster_cannot_place_are_refused_before_anything_deploys(
+        nodes: list[dict[str, object]], replicas: int | str, tmp_path: Path) -> None:
+    settings = loupe_settings(tmp_path, tmp_path, device="auto", ray_replica_cpus=2)
+    with pytest.raises(SettingsError, match="don't fit in this Ray cluster"):
+        plan_layout(replicas, nodes, settings)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ written just before the stop, though its record had not come back, is reported a
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -22,14 +23,17 @@ from typing import Any
 import numpy as np
 import ray
 
-from server.batch import FileWork, Options, Record, Report, interrupted, set_aside, summarize
+from server.batch import FileWork, Options, Record, Report, failed, interrupted, set_aside, summarize
 from server.cluster.layout import plan_layout, use_actor_cpus
 from server.cluster.runtime import connected
 from server.config import Settings
 from server.engine.runtime import LocalEngine
 from server.folders import Item, Refused
+from server.logs import configure_logging_for
 
 _END = object()
+_RETRIES = 1
+log = logging.getLogger("loupe.batch")
 
 
 class _Upscaler:
@@ -38,6 +42,7 @@ class _Upscaler:
     def __init__(self, options: Options, items: dict[str, Item]) -> None:
         use_actor_cpus()
         settings = Settings()
+        configure_logging_for(settings)
         self.engine = LocalEngine(settings)
         self.work = FileWork(self.engine, settings, options)
         self.items = items
@@ -67,6 +72,8 @@ def _key(path: str) -> str:
 class RayBatch:
     """The batch's files through Ray Data: `run` and `stop` as `Batch`'s."""
 
+    ON_STOP = "the files in flight are discarded (run it again to resume)"
+
     def __init__(self, settings: Settings, address: str | None, options: Options, items: list[Item],
                  refused: Sequence[Refused] = (), on_record: Callable[[Record], None] | None = None) -> None:
         self.settings = settings
@@ -90,22 +97,27 @@ class RayBatch:
         settled, pending = set_aside(self.items, self.refused, self.options)
         for record in settled:
             self._deliver(record)
+        failure = None
         if pending:
             with connected(self.settings, self.address):
-                self._run_on_ray(pending)
+                failure = self._run_on_ray(pending)
         done = {record.path for record in self.records}
-        for item in pending:
-            if str(item.source) not in done:  # stopped: Ray's actors are gone now, and wrote what they wrote
-                self._deliver(_written_meanwhile(item, since) or interrupted(item, started=False))
+        for item in pending:  # Ray's actors are gone now, and have written what they wrote
+            if str(item.source) in done:
+                continue
+            undone = (interrupted(item, started=False) if self.stopped
+                      else failed(item, failure or "an internal error stopped this file; see the log", 0.0))
+            self._deliver(_written_meanwhile(item, since) or undone)
         records = sorted(self.records, key=lambda record: record.path)
         return Report(summary=summarize(records, time.monotonic() - started, self.stopped), files=records)
 
-    def _run_on_ray(self, pending: list[Item]) -> None:
+    def _run_on_ray(self, pending: list[Item]) -> str | None:
+        """Delivers the records of `pending` as they come back; returns why Ray Data gave up, if it did."""
         context = ray.data.DataContext.get_current()  # Loupe's own bar shows the progress, per file
         context.enable_progress_bars = False
         context.print_on_execution_start = False
         by_path = {_key(str(item.source.resolve())): item for item in pending}
-        layout = plan_layout("auto", ray.cluster_resources(), self.settings)
+        layout = plan_layout("auto", ray.nodes(), self.settings)
         dataset = ray.data.read_binary_files(
             [str(item.source.resolve()) for item in pending], include_paths=True,
             override_num_blocks=len(pending),  # a file per block: each goes to the first free engine
@@ -113,7 +125,8 @@ class RayBatch:
         upscaled = dataset.map_batches(
             _Upscaler, fn_constructor_kwargs={"options": self.options, "items": by_path}, batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(layout.max_replicas, len(pending))),
-            **layout.resources)
+            # An engine that dies (say, of memory) is restarted and its file tried again, once: never for ever.
+            max_restarts=_RETRIES, max_task_retries=_RETRIES, **layout.resources)
         records: queue.Queue[Any] = queue.Queue()
 
         def consume() -> None:
@@ -128,15 +141,18 @@ class RayBatch:
                 records.put(_END)
 
         threading.Thread(target=consume, name="loupe-ray-batch", daemon=True).start()
-        while not self._stopping.is_set():
+        while True:
             try:
                 got = records.get(timeout=0.1)
             except queue.Empty:
+                if self._stopping.is_set():  # what has come back is delivered; the rest is not waited for
+                    return None
                 continue
             if got is _END:
-                return
+                return None
             if isinstance(got, BaseException):
-                raise got
+                log.error("the Ray Data batch failed", exc_info=got)
+                return f"the Ray Data batch failed before this file was done: {type(got).__name__}: {got}"
             self._deliver(got)
 
     def _deliver(self, record: Record) -> None:

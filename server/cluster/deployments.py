@@ -26,6 +26,7 @@ from server.engine.interface import Upscaled
 from server.engine.precision import has_native_bf16
 from server.engine.runtime import LocalEngine
 from server.jobs import Job
+from server.logs import configure_logging_for
 
 APP = "loupe"
 UPSCALER = "Upscaler"
@@ -67,7 +68,9 @@ class Upscaler:
 
     async def __init__(self) -> None:
         use_actor_cpus()
-        self.engine = LocalEngine(Settings())
+        settings = Settings()
+        configure_logging_for(settings)
+        self.engine = LocalEngine(settings)
         await self.engine.start()
 
     def describe(self) -> ReplicaFacts:
@@ -110,7 +113,9 @@ def _ingress_app() -> FastAPI:
     from server.app import create_app
     from server.cluster.engine import RayEngine
 
-    return create_app(Settings(), engine_factory=RayEngine)
+    settings = Settings()
+    configure_logging_for(settings)
+    return create_app(settings, engine_factory=RayEngine)
 
 
 def application(settings: Settings, layout: Layout, env: dict[str, str]) -> Application:

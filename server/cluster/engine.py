@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
 from server.catalog import ModelEntry
@@ -32,7 +32,9 @@ from server.engine.precision import Execution
 from server.errors import Cancelled, InternalError, LoupeError, QueueFull, Unavailable
 from server.jobs import Job
 
-_REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)
+# The replica, its node or the job's results went away (RayActorError covers a dead or unreachable actor).
+_REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, DeploymentUnavailableError)
+_FRESH_S = 600  # a replica that has reported nothing for this long no longer counts in the gauges
 
 
 class _Unreserved:
@@ -51,7 +53,8 @@ class RayEngine:
         self._handle: Any = None
         self._in_flight = 0
         self._tiles = 0
-        self._replicas: dict[str, dict[str, float | int | None]] = {}  # each replica's counters, as last reported
+        # Each replica's counters as it last reported them, and when.
+        self._replicas: dict[str, tuple[float, dict[str, float | int | None]]] = {}
         self._typical_s = 1.0  # a job's recent duration: how long a full queue's Retry-After says
 
     async def start(self) -> None:
@@ -108,13 +111,17 @@ class RayEngine:
         except asyncio.CancelledError:  # the client went away: so does the replica's job
             stream.cancel()
             raise
+        except Unavailable:  # the replica may only be out of reach, its job running on: stop it if it can be
+            with contextlib.suppress(Exception):  # (cancel() re-raises what ended the stream)
+                stream.cancel()
+            raise
         finally:
             self._in_flight -= 1
             if watcher is not None:
                 watcher.cancel()
         if finished is None:
             raise InternalError("the Upscaler replica ended the job without its result")
-        self._replicas[finished.replica] = finished.stats
+        self._replicas[finished.replica] = (time.monotonic(), finished.stats)
         self._typical_s = 0.7 * self._typical_s + 0.3 * (time.monotonic() - began)
         return finished.upscaled
 
@@ -135,22 +142,23 @@ class RayEngine:
                 raise cause from None
             if isinstance(cause, _REPLICA_LOST):
                 raise _lost(cause) from None
-            raise InternalError(f"the Upscaler replica failed: {type(cause).__name__}: {cause}") from None
+            raise  # unforeseen, as on a local engine: logged with the replica's traceback, answered 500
         except _REPLICA_LOST as lost:
             raise _lost(lost) from None
 
     def stats(self) -> dict[str, float | int | None]:
         """The whole deployment, as its one ingress sees it: the jobs sent and not yet back, and every tile done,
-        from the jobs' progress; GPU memory and OOM retries summed over the replicas, as each last reported them
-        (with its last finished job)."""
-        replicas = self._replicas.values()
+        from the jobs' progress; OOM retries summed over every replica that has reported, and GPU memory over
+        those that have in the last ten minutes (each replica reports with each job it finishes)."""
+        fresh = time.monotonic() - _FRESH_S
 
-        def total(key: str) -> float | int | None:
-            values = [value for stats in replicas if (value := stats.get(key)) is not None]
+        def total(key: str, since: float = 0.0) -> float | int | None:
+            values = [value for at, stats in self._replicas.values() if at >= since
+                      and (value := stats.get(key)) is not None]
             return sum(values) if values else None
 
         return {"queue_depth": self._in_flight, "tiles_processed": self._tiles,
-                "oom_retries": total("oom_retries"), "gpu_memory_bytes": total("gpu_memory_bytes")}
+                "oom_retries": total("oom_retries"), "gpu_memory_bytes": total("gpu_memory_bytes", fresh)}
 
 
 def _lost(error: BaseException) -> Unavailable:

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from server.config import Settings
+from server.config import Settings, SettingsError
 
 
 # Jobs a replica holds: one on its device, and one decoding or encoding beside it, as a local server overlaps
@@ -43,15 +43,24 @@ class Layout:
         return options
 
 
-def plan_layout(replicas: int | Literal["auto"], resources: dict[str, float], settings: Settings) -> Layout:
+def plan_layout(replicas: int | Literal["auto"], nodes: list[dict[str, Any]], settings: Settings) -> Layout:
     """GPU engines when the cluster has GPUs (unless LOUPE_DEVICE=cpu), else engines of LOUPE_RAY_REPLICA_CPUS
-    CPUs; `auto` up to as many as the cluster holds. `resources`: `ray.cluster_resources()`."""
-    gpus = int(resources.get("GPU", 0)) if settings.device != "cpu" else 0
-    cpus = int(resources.get("CPU", 0))
-    if gpus:
-        return Layout(replicas, gpus if replicas == "auto" else replicas, True, max(1, min(4, cpus // gpus)))
-    fits = max(1, cpus // settings.ray_replica_cpus)
-    return Layout(replicas, fits if replicas == "auto" else replicas, False, settings.ray_replica_cpus)
+    CPUs; `auto` up to as many as the cluster holds. `nodes`: `ray.nodes()`. A count the cluster can't place is a
+    SettingsError, not a deployment that waits for ever."""
+    alive = [node["Resources"] for node in nodes if node.get("Alive", True)]
+    gpu_nodes = [node for node in alive if node.get("GPU", 0) >= 1] if settings.device != "cpu" else []
+    if gpu_nodes:
+        # A GPU engine decodes and encodes on its CPUs: up to 4, as many as every GPU node has per GPU.
+        cpus = max(1, min(4, *(int(node.get("CPU", 0) // node["GPU"]) for node in gpu_nodes)))
+        fits, holds = sum(int(node["GPU"]) for node in gpu_nodes), "GPU"
+    else:
+        cpus = settings.ray_replica_cpus
+        fits, holds = sum(int(node.get("CPU", 0) // cpus) for node in alive), f"{cpus} CPU (LOUPE_RAY_REPLICA_CPUS)"
+    wanted = 1 if replicas == "auto" else replicas
+    if wanted > fits:
+        raise SettingsError(f"{wanted} Upscaler replicas of {holds} each don't fit in this Ray cluster, which holds "
+                            f"{fits}: ask for fewer, or add nodes")
+    return Layout(replicas, fits if replicas == "auto" else replicas, bool(gpu_nodes), cpus)
 
 
 def use_actor_cpus() -> None:

@@ -44,12 +44,15 @@ def connected(settings: Settings, address: str | None) -> Iterator[None]:
     # keep gRPC to errors, which otherwise logs a line for each process OpenVINO's conversion forks.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if address is not None:
         _join(address, runtime_env)
     else:
         temp_dir = _session_dir(settings)
         ray.init(include_dashboard=False, _temp_dir=str(temp_dir), _node_ip_address="127.0.0.1",
                  runtime_env=runtime_env, logging_level=logging.WARNING)
+    if threading.current_thread() is threading.main_thread():  # ray.init put its own exit there: ours stays
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     finally:
@@ -83,15 +86,18 @@ def serve_until_stopped(settings: Settings, address: str | None, replicas: int |
     """Deploy the ingress and the Upscalers, serve at LOUPE_HOST:LOUPE_PORT, and take them down on SIGINT or
     SIGTERM (with the local Ray; on a cluster, only Loupe's application)."""
     with connected(settings, address):
-        layout = plan_layout(replicas, ray.cluster_resources(), settings)
+        layout = plan_layout(replicas, ray.nodes(), settings)
         check_setting(settings.precision, [torch.device("cuda" if layout.gpus else "cpu")])
         # Serve's own deadline stays behind Loupe's, which answers in the OpenAI shape.
         serve.start(http_options={"host": settings.host, "port": settings.port,
                                   "request_timeout_s": settings.request_timeout_s + 30})
-        stop = threading.Event()  # the handlers go in after ray.init, which sets its own
-        previous = {number: signal.signal(number, lambda *_: stop.set()) for number in (signal.SIGINT, signal.SIGTERM)}
+        previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+        signal.signal(signal.SIGTERM, _stop_starting)  # SIGINT's KeyboardInterrupt does the same
         try:
             serve.run(application(settings, layout, loupe_env(settings)), name=APP, route_prefix="/")
+            stop = threading.Event()
+            for number in previous:
+                signal.signal(number, lambda *_: stop.set())
             count = f"1 to {layout.max_replicas}" if layout.replicas == "auto" else str(layout.replicas)
             log.info("serving on Ray at http://%s:%s with %s Upscaler replicas of %s", settings.host,
                      settings.port, count, "1 GPU" if layout.gpus else f"{layout.replica_cpus} CPU")
@@ -103,3 +109,8 @@ def serve_until_stopped(settings: Settings, address: str | None, replicas: int |
                 serve.shutdown()
             for number, handler in previous.items():
                 signal.signal(number, handler)
+
+
+def _stop_starting(signum: int, _frame: object) -> None:
+    """A signal while the replicas start ends serve.run, and the app is taken down as on any stop."""
+    raise SystemExit(128 + signum)

@@ -108,11 +108,10 @@ class RayEngine:
                     tiles_done = done
                     if progress is not None:
                         progress(done, total)
-        except asyncio.CancelledError:  # the client went away: so does the replica's job
-            stream.cancel()
-            raise
-        except Unavailable:  # the replica may only be out of reach, its job running on: stop it if it can be
-            with contextlib.suppress(Exception):  # (cancel() re-raises what ended the stream)
+        except (asyncio.CancelledError, Unavailable):
+            # The client went away, or the replica is out of reach with its job perhaps running on: that job stops
+            # where it still can (cancel() re-raises what ended a stream that ended by itself).
+            with contextlib.suppress(Exception):
                 stream.cancel()
             raise
         finally:

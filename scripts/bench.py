@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import httpx
 import numpy as np
@@ -411,17 +411,11 @@ class _LoupeServer:
         self.compiled: set[str] = set()
         self.changed = threading.Condition()
         threading.Thread(target=self._watch, daemon=True).start()
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("loupe serve did not come up")
-            time.sleep(0.2)
+        try:
+            wait_until_serving(self.url, self.process, 120)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def _watch(self) -> None:
         assert self.process.stderr is not None
@@ -758,6 +752,24 @@ def _cpu_flags() -> str:
         return "unknown"
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
     return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in wanted)
+
+
+def wait_until_serving(url: str, process: subprocess.Popen[Any], timeout_s: float, path: str = "/healthz",
+                       log: Path | None = None) -> None:
+    """Returns once the server `process` started answers 200 at `url` + `path`; a RuntimeError, with the tail of its
+    `log`, if it exits or `timeout_s` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}{path}", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            why = f"exited with {process.returncode}" if process.poll() is not None else f"not in {timeout_s:.0f} s"
+            tail = log.read_text()[-3000:] if log is not None else ""
+            raise RuntimeError(f"the server for {url} did not get ready ({why}) {tail}".rstrip())
+        time.sleep(0.2)
 
 
 def append_section(path: Path, text: str) -> None:

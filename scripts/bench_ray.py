@@ -39,7 +39,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from scripts.bench import WEIGHTS_DIR, _cpu_flags, _device_name, _revision, append_section
+from scripts.bench import WEIGHTS_DIR, _cpu_flags, _device_name, _revision, append_section, wait_until_serving
 
 MODEL = "realesr-animevideov3"
 CONTENDERS = {
@@ -82,18 +82,7 @@ def _server(args: list[str], env: dict[str, str], data_dir: Path, log: Path) -> 
                                   stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"{shlex.join(args)} exited: {log.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{shlex.join(args)} was not ready in 300 s")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_serving(url, server, 300, "/readyz", log)
         yield url
     finally:
         server.send_signal(signal.SIGTERM)

@@ -229,11 +229,21 @@ def _not_an_image(item: Item) -> Record:
     return Record(path=str(item.source), output=None, status="skipped", reason="not an image")
 
 
-def summarize(records: Sequence[Record], seconds: float, stopped: bool) -> Summary:
+def make_report(records: Sequence[Record], seconds: float, stopped: bool) -> Report:
+    """The records by path, and their summary."""
     counts = {status: sum(record.status == status for record in records)
               for status in ("upscaled", "skipped", "failed", "interrupted")}
-    return Summary(files=len(records), seconds=round(seconds, 3), stopped=stopped,
-                   images_per_second=round(counts["upscaled"] / seconds, 3) if seconds > 0 else 0.0, **counts)
+    summary = Summary(files=len(records), seconds=round(seconds, 3), stopped=stopped,
+                      images_per_second=round(counts["upscaled"] / seconds, 3) if seconds > 0 else 0.0, **counts)
+    return Report(summary=summary, files=sorted(records, key=lambda record: record.path))
+
+
+def unfinished(item: Item, stopped: bool, why: str | None = None) -> Record:
+    """The record of a file the batch ended without one for: stopped before it was done, or else lost to a fault
+    (`why`, or one the log tells)."""
+    if stopped:
+        return interrupted(item, started=False)
+    return failed(item, why or "an internal error stopped this file; see the log", 0.0)
 
 
 def failed(item: Item, reason: str, seconds: float) -> Record:
@@ -308,10 +318,8 @@ class Batch:
         done = {record.path for record in self.records}
         for item in (item for item in pending if str(item.source) not in done):
             # Without a stop, only a fault in a stage itself (logged) leaves a file without its record.
-            self._deliver(interrupted(item, started=False) if self.stopped
-                          else failed(item, "an internal error stopped this file; see the log", 0.0))
-        records = sorted(self.records, key=lambda record: record.path)
-        return Report(summary=summarize(records, time.monotonic() - started, self.stopped), files=records)
+            self._deliver(unfinished(item, self.stopped))
+        return make_report(self.records, time.monotonic() - started, self.stopped)
 
     # The stages, each on its own threads.
 

@@ -29,6 +29,7 @@ import pytest
 import torch
 from PIL import Image
 
+from scripts.bench import wait_until_serving
 from server import errors
 from server.cluster.layout import plan_layout
 from server.config import SettingsError
@@ -92,16 +93,7 @@ def ray_url(cluster: Cluster) -> Iterator[str]:
                                   env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "loupe serve --ray did not get ready"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_serving(url, server, 180, "/readyz", log_path)
         yield url
         server.send_signal(signal.SIGTERM)  # Loupe's application leaves the cluster
         assert server.wait(timeout=60) == 0, log_path.read_text()[-3000:]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from server.batch import FileWork, Options, Record, Report, failed, interrupted, set_aside, summarize
+from server.batch import FileWork, Options, Record, Report, make_report, set_aside, unfinished
 from server.cluster.layout import plan_layout, use_actor_cpus
 from server.cluster.runtime import connected
 from server.config import Settings
@@ -103,27 +103,24 @@ class RayBatch:
                 failure = self._run_on_ray(pending)
         done = {record.path for record in self.records}
         for item in pending:  # Ray's actors are gone now, and have written what they wrote
-            if str(item.source) in done:
-                continue
-            undone = (interrupted(item, started=False) if self.stopped
-                      else failed(item, failure or "an internal error stopped this file; see the log", 0.0))
-            self._deliver(_written_meanwhile(item, since) or undone)
-        records = sorted(self.records, key=lambda record: record.path)
-        return Report(summary=summarize(records, time.monotonic() - started, self.stopped), files=records)
+            if str(item.source) not in done:
+                self._deliver(_written_meanwhile(item, since) or unfinished(item, self.stopped, failure))
+        return make_report(self.records, time.monotonic() - started, self.stopped)
 
     def _run_on_ray(self, pending: list[Item]) -> str | None:
         """Delivers the records of `pending` as they come back; returns why Ray Data gave up, if it did."""
         context = ray.data.DataContext.get_current()  # Loupe's own bar shows the progress, per file
         context.enable_progress_bars = False
         context.print_on_execution_start = False
-        by_path = {_key(str(item.source.resolve())): item for item in pending}
+        paths = [str(item.source.resolve()) for item in pending]
         layout = plan_layout("auto", ray.nodes(), self.settings)
         dataset = ray.data.read_binary_files(
-            [str(item.source.resolve()) for item in pending], include_paths=True,
+            paths, include_paths=True,
             override_num_blocks=len(pending),  # a file per block: each goes to the first free engine
             num_cpus=0)  # reading is I/O: the CPUs are the engines'
         upscaled = dataset.map_batches(
-            _Upscaler, fn_constructor_kwargs={"options": self.options, "items": by_path}, batch_size=1,
+            _Upscaler, batch_size=1, fn_constructor_kwargs={
+                "options": self.options, "items": {_key(path): item for path, item in zip(paths, pending)}},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(layout.max_replicas, len(pending))),
             # An engine that dies (say, of memory) is restarted and its file tried again, once: never for ever.
             max_restarts=_RETRIES, max_task_retries=_RETRIES, **layout.resources)

@@ -23,6 +23,7 @@ from server.api.middleware import (
     install_error_handlers,
 )
 from server.config import Settings
+from server.errors import LoupeError, without_paths
 from server.engine.interface import Engine
 from server.engine.runtime import LocalEngine
 from server.metrics import Metrics
@@ -38,13 +39,17 @@ log = logging.getLogger("loupe.app")
 _FORM_OVERHEAD_BYTES = 1 << 20
 
 
-async def _sweep_results(store: ResultStore, records: RequestStore, ttl_s: float, every_s: float) -> None:
-    """Results and the records of the requests that made them expire together."""
+async def _sweep_results(store: ResultStore, tracker: Tracker, ttl_s: float, every_s: float) -> None:
+    """Results and the records of the requests that made them expire together; the request database is checked
+    to still be the file it was (the check logs it, once, when it isn't)."""
     while True:
         await asyncio.sleep(every_s)
         try:
+            await tracker.database_problem()
             await asyncio.to_thread(store.sweep)
-            await asyncio.to_thread(records.expire, ttl_s)
+            await tracker.expire(ttl_s)
+        except LoupeError as error:  # the database is locked or full: the next sweep tries again
+            log.warning("expiring request records failed", extra={"error": error.message})
         except Exception:  # a failed sweep is tried again next time; the sweeper must not die of it
             log.exception("expiring results and request records failed")
 
@@ -67,15 +72,17 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
         services = Services(settings, engine, providers, store, ProgressHub(asyncio.get_running_loop()), tracker,
                             secret)
         app.state.services = services
-        await images.resume_pending(services)
-        sweeper = asyncio.create_task(_sweep_results(store, records, settings.result_ttl_s,
+        try:
+            await images.resume_pending(services)
+        except LoupeError as error:  # the database is locked or full: the records wait for the next start
+            log.error("the last run's requests could not be resumed", extra={"error": error.message})
+        sweeper = asyncio.create_task(_sweep_results(store, tracker, settings.result_ttl_s,
                                                      min(60.0, settings.result_ttl_s / 2)))
         try:
             yield
         finally:
             sweeper.cancel()
             await tracker.close()
-            await deliverer.drain(timeout_s=5.0)
             await providers.aclose()
             await engine.close()
             records.close()
@@ -105,16 +112,21 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Ready: a device is up and at least one local model has its weights")
+    @app.get("/readyz", summary="Ready: a device is up, at least one local model has its weights, and the request "
+                                "database is the one the server opened")
     async def readyz(request: Request) -> JSONResponse:
         services: Services = request.app.state.services
         reasons = {e.id: services.engine.unavailable_reason(e) for e in catalog.MODELS if e.local is not None}
-        custom = await asyncio.to_thread(services.engine.custom_models)
+        custom = await services.engine.custom_models(0)  # as inspected so far: readiness never waits for a file
         reasons.update({m.id: m.reason for m in custom if m.id not in reasons})
+        database = await services.tracker.database_problem()
         draining = request.app.state.admission.draining  # after SIGTERM every /v1 request gets a 503
-        ready = any(reason is None for reason in reasons.values()) and not draining
+        ready = any(reason is None for reason in reasons.values()) and not draining and database is None
         status = "draining" if draining else "ready" if ready else "not ready"
-        body = {"status": status, "device": services.engine.device_name, "models": reasons}
+        body = {"status": status, "device": services.engine.device_name,
+                "models": {name: without_paths(reason) if reason else None for name, reason in reasons.items()}}
+        if database is not None:
+            body["database"] = without_paths(database)
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from server import imagework
 from server.catalog import ModelEntry
 from server.config import Settings
 from server.engine.runtime import LocalEngine
 from server.errors import Cancelled, InvalidInput, LoupeError
-from server.folders import Item, Refused, is_image_like
+from server.folders import Item, Refused, is_image_like, shown
 from server.imaging import Picture
 from server.jobs import Job, SourceImage, resolve_target
 from server.routing import local_blocker
@@ -55,6 +55,11 @@ class Record(BaseModel):
     seconds: float = 0.0  # of work on it: decode, model, encode and write, without waiting in queues
     input_size: str | None = None  # "WxH"
     output_size: str | None = None
+
+    @field_validator("path", "output", "reason", mode="before")
+    @classmethod
+    def _printable(cls, value: object) -> object:
+        return shown(value) if isinstance(value, (str, Path)) else value
 
 
 class Summary(BaseModel):
@@ -316,7 +321,7 @@ class Batch:
             for thread in threads:
                 thread.join()
         done = {record.path for record in self.records}
-        for item in (item for item in pending if str(item.source) not in done):
+        for item in (item for item in pending if shown(str(item.source)) not in done):
             # Without a stop, only a fault in a stage itself (logged) leaves a file without its record.
             self._deliver(unfinished(item, self.stopped))
         return make_report(self.records, time.monotonic() - started, self.stopped)

@@ -17,28 +17,25 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from server.config import Settings, SettingsError
-from server.engine.weights import WeightsError, WeightStatus
-from server.errors import LoupeError
+from server.errors import LoupeError, WeightsError
 from server.jobs import parse_size
 
-if TYPE_CHECKING:  # the engine's modules load torch: only the commands that run it import them
+if TYPE_CHECKING:  # the engine's modules load torch: only the commands that run it import them, once past the
+    # checks that need no engine (a usage error or a bad setting answers at once)
     from server.batch import Batch, Record, Summary
     from server.cluster.batch import RayBatch
+    from server.engine.weights import WeightStatus
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from server import serve
-    from server.engine.runtime import engine_devices
-    from server.request_store import RequestStore, database_path
+    from server import startup
 
     settings = settings.model_copy(update={"host": args.host or settings.host, "port": args.port or settings.port})
     if args.ray:
         from server.cluster import require_ray
 
         require_ray()
-    else:
-        engine_devices(settings)  # a bad device or precision setting stops here, before the server starts
-    RequestStore(database_path(settings)).close()  # and so does a database that can't be used
+    startup.check(settings, local_engine=not args.ray)  # every start-up fault stops here, before anything serves
     if args.ray:
         from server.cluster.runtime import serve_until_stopped
         from server.logs import configure_logging_for
@@ -46,35 +43,44 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         configure_logging_for(settings)
         serve_until_stopped(settings, args.address, args.replicas)
     else:
-        serve.run(settings)
+        from server import serve
+
+        serve.run(settings, startup.listen(settings))
     return 0
 
 
 def _upscale(args: argparse.Namespace, settings: Settings) -> int:
-    from server import batch, catalog, folders
-    from server.engine.directory import ModelDirectory
+    from server import folders
 
     if args.ray:
         from server.cluster import require_ray
 
         require_ray()
-    directory = ModelDirectory(settings)
-    entry = directory.find(args.model)
-    if entry is None or entry.local is None:
-        local = ", ".join([e.id for e in catalog.MODELS if e.local is not None] +
-                          [m.id for m in directory.custom_models() if m.reason is None])
-        print(f"loupe: {args.model!r} is not a local model; local models: {local}", file=sys.stderr)
-        return 2
     fmt = "jpeg" if args.format == "jpg" else args.format
     output: Path = args.output
     single = len(args.inputs) == 1 and Path(args.inputs[0]).is_file() and folders.names_a_file(output)
     try:
         if single:
             items, refused = [folders.single_file(Path(args.inputs[0]), output, fmt)], []
+        elif folders.names_a_file(output) and not output.exists():
+            raise folders.UsageError(f"-o {folders.shown(output)} names a file, but the inputs are not one image "
+                                     "file: give a folder for the outputs")
         else:
             items, refused = folders.collect(args.inputs, output, fmt)
+        if args.report is not None:
+            folders.check_report_path(args.report)
     except folders.UsageError as error:
-        print(f"loupe: {error}", file=sys.stderr)
+        print(f"loupe: {folders.shown(str(error))}", file=sys.stderr)
+        return 2
+    from server import batch, catalog
+    from server.engine.directory import ModelDirectory
+
+    directory = ModelDirectory(settings)
+    entry = directory.find(args.model)
+    if entry is None or entry.local is None:
+        local = ", ".join([e.id for e in catalog.MODELS if e.local is not None] +
+                          [m.id for m in directory.custom_models() if m.reason is None])
+        print(f"loupe: {args.model!r} is not a local model; local models: {local}", file=sys.stderr)
         return 2
     # One file named with its output is written whatever is there, and must be an image, as it always was.
     options = batch.Options(entry, args.scale, args.size, args.quality, args.seed,
@@ -91,14 +97,20 @@ def _upscale(args: argparse.Namespace, settings: Settings) -> int:
     with _stopping_on_signals(work) as signalled:
         report = work.run()
     bar.close()
-    if args.report is not None:
-        batch.write_report(report, args.report)
     summary = report.summary
     if not args.quiet:
         print(_describe_summary(summary))
+    unwritten = False
+    if args.report is not None:
+        try:
+            batch.write_report(report, args.report)
+        except OSError as error:
+            print(f"loupe: the report could not be written to {folders.shown(args.report)}: "
+                  f"{error.strerror or error}", file=sys.stderr)
+            unwritten = True
     if signalled:
         return 128 + signalled[-1]
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or unwritten else 0
 
 
 class _ProgressBar:
@@ -165,25 +177,28 @@ def _describe_summary(summary: Summary) -> str:
 
 def _weights(args: argparse.Namespace, settings: Settings) -> int:
     from server.engine import custom, weights
-    from server.engine.runtime import LocalEngine
+    from server.engine.directory import ModelDirectory
 
     directory = settings.weights_dir
     if args.weights_command == "list":
-        rows = weights.list_weights(directory) + [custom.status(model) for model in LocalEngine(settings).custom_models()]
+        rows = weights.list_weights(directory) + [custom.status(m) for m in ModelDirectory(settings).custom_models()]
     elif args.weights_command == "add":
-        model = custom.add(args.source, directory, args.name)
+        model = custom.add(args.source, directory, args.name, max_bytes=settings.max_weight_bytes,
+                           allow_private=settings.allow_private_urls)
         print(f"added {model.id}: {model.architecture} x{model.scale}, {model.params / 1e6:.2f} M parameters, "
               f"{'1-channel (luminance)' if model.channels == 1 else 'RGB'}, in {model.path}")
         return 0
     elif args.weights_command == "pull":
-        weights.pull(args.model, directory)
+        weights.pull(args.model, directory, max_bytes=settings.max_weight_bytes,
+                     allow_private=settings.allow_private_urls)
         rows = [weights.weight_status(args.model, directory)]
     elif args.weights_command == "import-ncnn":
         weights.import_ncnn(directory)
         rows = weights.list_weights(directory)
     else:
         # What has no offline source (AuraSR, 2.5 GB) only comes when asked for by name: `loupe weights pull NAME`.
-        rows = weights.ensure(directory, [w for w, spec in weights.MANIFEST.items() if spec.ncnn_stem is not None])
+        rows = weights.ensure(directory, [w for w, spec in weights.MANIFEST.items() if spec.ncnn_stem is not None],
+                              max_bytes=settings.max_weight_bytes, allow_private=settings.allow_private_urls)
     print(weights.format_table(_with_execution(rows, settings)))
     return 0
 
@@ -302,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings()
     except ValidationError as error:
         for problem in error.errors():
-            print(f"loupe: LOUPE_{'_'.join(map(str, problem['loc'])).upper()}: {problem['msg']}", file=sys.stderr)
+            message = problem["msg"].removeprefix("Value error, ")
+            print(f"loupe: LOUPE_{'_'.join(map(str, problem['loc'])).upper()}: {message}", file=sys.stderr)
         return 2
     try:
         return args.run(args, settings)

@@ -11,6 +11,9 @@ from pydantic import field_validator
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 PrecisionSetting = Literal["auto", "fp32", "bf16", "fp16"]
+DEFAULT_MAX_WEIGHT_BYTES = 4 << 30  # a weight file downloaded by `loupe weights add URL` or `pull`
+MIN_API_KEY_LENGTH = 16  # shorter keys are guessable, and would blank their characters out of every log line
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class SettingsError(ValueError):
@@ -23,7 +26,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     public_url: str | None = None
-    log_level: str = "info"
+    log_level: str = "info"  # debug, info, warning, error or critical
 
     # Local engine
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -59,6 +62,7 @@ class Settings(BaseSettings):
     max_input_pixels: int = Field(default=64 * 1024 * 1024, ge=1)
     allow_private_urls: bool = False
     url_timeout_s: float = Field(default=30.0, gt=0)
+    max_weight_bytes: int = Field(default=DEFAULT_MAX_WEIGHT_BYTES, ge=1)
 
     # Access
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -94,6 +98,22 @@ class Settings(BaseSettings):
         if any(not 0 <= delay < 86400 for delay in value):
             raise ValueError("each delay must be between 0 and 86400 seconds")
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _long_enough(cls, value: list[str]) -> list[str]:
+        short = [index + 1 for index, key in enumerate(value) if len(key) < MIN_API_KEY_LENGTH]
+        if short:
+            raise ValueError(f"each key must be at least {MIN_API_KEY_LENGTH} characters; key number "
+                             f"{', '.join(map(str, short))} is shorter")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"unknown log level {value!r}: use {', '.join(LOG_LEVELS)}")
+        return value.lower()
 
     @field_validator("api_keys", "webhook_retry_s", mode="before")
     @classmethod

@@ -6,7 +6,18 @@ maps each class to a status in one table.
 """
 from __future__ import annotations
 
+import re
 from typing import ClassVar
+
+# An absolute file path's folders: "/", then names ending in "/", where a path starts (not inside a URL or a
+# word), unless it is one of Loupe's own routes (/v1/models, /results/…).
+_FOLDERS = re.compile(r"(?<![\w.:/~-])/(?!v1/|openai/|results/)(?:[^\s/'\"`()\[\]]+/)+")
+
+
+def without_paths(text: str) -> str:
+    """`text` with the folders of every absolute path dropped (`/srv/loupe/weights/x.pth` → `x.pth`): what a
+    client reads never shows the server's own layout."""
+    return _FOLDERS.sub("", text)
 
 
 class LoupeError(Exception):
@@ -107,6 +118,16 @@ class ShuttingDown(Unavailable):
         super().__init__(message, retry_after_s=5)
 
 
+class RecordsBusy(Unavailable):
+    """The request database stayed locked (another process holds it) past what the request could wait: it clears
+    by itself."""
+
+    code = "DATABASE_BUSY"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after_s=2)
+
+
 class ProviderUnavailable(Unavailable):
     """A provider's circuit breaker is open."""
 
@@ -159,3 +180,8 @@ class InternalError(LoupeError):
     """The server itself failed in a way no retry of this request would fix (say, a disk that refuses writes)."""
 
     code = "INTERNAL_ERROR"
+
+
+class WeightsError(Exception):
+    """A weight could not be found, fetched, converted or verified (the `loupe weights` commands); the message says
+    why. Not a request's error: it never reaches HTTP."""

@@ -1,4 +1,5 @@
-"""A batch's inputs: files, folders and globs to (source, output) pairs, the output tree mirroring the input's.
+"""A batch's files: inputs (files, folders and globs) to (source, output) pairs, the output tree mirroring the
+input's; the report's path; paths as a terminal shows them.
 
 Each output keeps its file's name and format, or takes `--format`'s; a format Loupe can't write (TIFF,
 BMP) or shouldn't (GIF: re-quantizing an upscale to 256 colours would undo it) becomes PNG, as over
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,25 @@ _FORMAT_OF_SUFFIX = {suffix: fmt for suffix, fmt in Image.registered_extensions(
                      if fmt in imaging.INPUT_FORMATS}
 _OUTPUT_FORMAT_OF_SUFFIX: dict[str, OutputFormat] = {".jpeg": "jpeg", ".jpg": "jpeg", ".png": "png",
                                                      ".webp": "webp", ".gif": "gif", ".avif": "avif"}
+
+
+def shown(text: str | Path) -> str:
+    """A path (or a text that holds one) as the report and the terminal show it: a file name that is not valid
+    UTF-8 keeps its other bytes as `\\xNN` escapes instead of breaking the JSON or the line."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace") if isinstance(text, Path) else \
+        text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def check_report_path(path: Path) -> None:
+    """UsageError, before any work, when a report could not be written at `path`."""
+    if path.is_dir():
+        raise UsageError(f"--report {shown(path)} is a folder: name a file, such as report.json")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".loupe-report-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"--report {shown(path)} can't be written ({error.strerror or error})") from None
 
 
 class UsageError(ValueError):
@@ -72,6 +93,7 @@ def collect(inputs: list[str], out: Path, fmt: OutputFormat | None) -> tuple[lis
     Nothing under `out` itself is an input, so `loupe upscale photos -o photos/big` can run twice. Where
     two inputs would make one output, the one whose own name it is wins (`photo.png` over `photo.gif`).
     """
+    _check_output_folder(out)
     out_resolved = out.resolve()
     refused: list[Refused] = []
     candidates: list[tuple[Path, Path, OutputFormat]] = []
@@ -98,6 +120,17 @@ def collect(inputs: list[str], out: Path, fmt: OutputFormat | None) -> tuple[lis
             refused.append(Refused(source, output, f"its output {output} is also that of {owner}: rename one of "
                                                    "them, or give --format"))
     return items, refused
+
+
+def _check_output_folder(out: Path) -> None:
+    """UsageError unless `out` is a folder the outputs can go into, or can become one."""
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == out else f"is under {existing}, which is a file"
+        raise UsageError(f"-o {out} {what}: give a folder for the outputs (a file is the output of one input "
+                         "file only)")
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"-o {out}: {existing} can't be written")
 
 
 def _sources(inputs: list[str], out: Path, refused: list[Refused]) -> list[tuple[Path, Path]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from datetime import datetime, timezone
@@ -18,14 +19,16 @@ if TYPE_CHECKING:
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 REDACTED = "[REDACTED]"
+_TOKEN = r"[A-Za-z0-9_\-]"  # what a secret may not touch to count as a whole token
 # Attributes every LogRecord has; anything else on a record came from `extra`.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 _SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 
 class Redactor:
-    """Replaces every occurrence of each non-empty secret in a text by [REDACTED]: for log lines, and for
-    anything an upstream says that a client will read."""
+    """Replaces each non-empty secret in a text by [REDACTED] where it stands as a whole token (not inside a longer
+    word, so a short secret can't blank the same letters everywhere): for log lines, and for anything an upstream
+    says that a client will read."""
 
     def __init__(self, secrets: Iterable[str | None]) -> None:
         parts: set[str] = set()
@@ -34,12 +37,11 @@ class Redactor:
             # fal's split credentials are `key_id:key_secret`; either half alone is still sensitive.
             parts.update(half for half in secret.split(":") if len(half) >= 8)
         # Longest first, so a secret that contains another is blanked whole.
-        self._parts = sorted(parts, key=len, reverse=True)
+        alternatives = "|".join(re.escape(part) for part in sorted(parts, key=len, reverse=True))
+        self._pattern = re.compile(f"(?<!{_TOKEN})(?:{alternatives})(?!{_TOKEN})") if parts else None
 
     def __call__(self, text: str) -> str:
-        for part in self._parts:
-            text = text.replace(part, REDACTED)
-        return text
+        return self._pattern.sub(REDACTED, text) if self._pattern is not None else text
 
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:
@@ -71,7 +73,8 @@ class JsonFormatter(logging.Formatter):
     def _plain(self, value: object) -> object:
         """`value` as JSON types, each string redacted (before encoding, so escaping cannot hide a secret)."""
         if isinstance(value, str):
-            return self.redact(value)
+            # Lone surrogates (a file name that isn't UTF-8) are written as escapes: stderr can't encode them.
+            return self.redact(value.encode("utf-8", "backslashreplace").decode("utf-8"))
         if value is None or isinstance(value, (bool, int, float)):
             return value
         if isinstance(value, Mapping):

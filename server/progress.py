@@ -1,9 +1,10 @@
 """Live progress of running requests, for clients that watch (the playground's progress bar).
 
-The engine reports from worker threads; subscribers read from the event loop.
-A channel lives from the first report or subscription until shortly after it ends.
-A request claims its channel as it starts: the channel then belongs to the API key that sent
-it, and only that key may watch it; while it runs, no other request may claim the same id.
+A channel is an API key's own: it is keyed by (owner, request id), so a key only ever watches its own
+requests, and another key's use of the same id is another channel. A request claims its channel as it
+starts; while it runs, no other request of the same key may claim that id. A watcher may open a channel
+before its request arrives. The engine reports from worker threads; watchers read from the event loop.
+A channel lives from the first report or watcher until shortly after it ends.
 """
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from server.errors import Conflict, NotFound
+from server.errors import Conflict
 
 FINAL_STAGES = ("done", "failed")
 _KEEP_FINISHED_S = 120.0
 _IDLE_TIMEOUT_S = 600.0
 # A watcher may open the stream just before its request arrives; past this, the id is taken to be unknown.
 _FIRST_REPORT_TIMEOUT_S = 30.0
+
+Key = tuple[str | None, str]  # (owner: a digest of the API key, or None without keys; request id)
 
 
 @dataclass
@@ -32,100 +35,101 @@ class Progress:
 
 
 @dataclass
-class _Channel:
-    state: Progress = field(default_factory=Progress)
+class _State:
+    progress: Progress = field(default_factory=Progress)
     version: int = 0
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     finished_at: float | None = None
     claimed: bool = False  # by the request it reports on (before that, only watchers have opened it)
-    owner: str | None = None  # who sent that request: a digest of its API key (None without keys)
 
     @property
     def in_flight(self) -> bool:
-        return self.claimed and self.state.stage not in FINAL_STAGES
+        return self.claimed and self.progress.stage not in FINAL_STAGES
+
+
+class Channel:
+    """One request's progress, as the request reports it: from the event loop (`update`), or from worker threads
+    (`reporter`)."""
+
+    def __init__(self, hub: ProgressHub, state: _State) -> None:
+        self._hub = hub
+        self._state = state
+
+    def update(self, stage: str, done: int | None = None, total: int | None = None) -> None:
+        self._hub._set(self._state, stage, done, total)
+
+    def reporter(self, on_start: Callable[[], None] | None = None) -> Callable[[int, int], None]:
+        """A callback for worker threads: (tiles done, tiles in all). Its first call (the engine reports (0, total)
+        as a device takes the job) calls `on_start` on the event loop."""
+        loop = self._hub.loop
+        first = [True]
+
+        def report(done: int, total: int) -> None:
+            stage = "encoding" if total and done >= total else "running"  # the last tile: what is left is encoding
+            if first[0]:
+                first[0] = False
+                if on_start is not None:
+                    loop.call_soon_threadsafe(on_start)
+            loop.call_soon_threadsafe(self._hub._set, self._state, stage, done, total)
+
+        return report
 
 
 class ProgressHub:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._channels: dict[str, _Channel] = {}
+        self.loop = loop
+        self._channels: dict[Key, _State] = {}
 
-    def claim(self, request_id: str, owner: str | None) -> None:
-        """The channel for a request that is starting; Conflict while another request with that id runs."""
-        channel = self._channels.get(request_id)
-        if channel is not None and channel.in_flight:
-            raise Conflict(f"another request with the id {request_id} is still running; send a fresh X-Request-Id",
-                           code="REQUEST_ID_IN_USE")
-        if channel is None or channel.claimed:  # a finished request's channel: this one starts afresh
-            channel = self._channels[request_id] = _Channel()
-        channel.claimed, channel.owner = True, owner
+    def claim(self, owner: str | None, request_id: str) -> Channel:
+        """The channel of a request that is starting; Conflict while another request of the same key with that id
+        runs."""
+        key = (owner, request_id)
+        state = self._channels.get(key)
+        if state is not None and state.in_flight:
+            raise Conflict(f"another request of yours with the id {request_id} is still running; send a fresh "
+                           "X-Request-Id", code="REQUEST_ID_IN_USE")
+        if state is None or state.claimed:  # a finished request's channel: this one starts afresh
+            state = self._channels[key] = _State()
+        state.claimed = True
+        return Channel(self, state)
 
-    def check_watcher(self, request_id: str, owner: str | None) -> None:
-        """NotFound for a watcher whose key did not send the request: to it, the request does not exist."""
-        channel = self._channels.get(request_id)
-        if channel is not None and channel.claimed and channel.owner != owner:
-            raise NotFound(f"no request {request_id} of yours is known", code="REQUEST_NOT_FOUND")
-
-    def update(self, request_id: str, stage: str, done: int | None = None, total: int | None = None) -> None:
-        """Record a new state; call from the event loop."""
-        self._set(self._channel(request_id), stage, done, total)
-
-    def _set(self, channel: _Channel, stage: str, done: int | None, total: int | None) -> None:
-        if channel.state.stage in FINAL_STAGES:
+    def _set(self, state: _State, stage: str, done: int | None, total: int | None) -> None:
+        if state.progress.stage in FINAL_STAGES:
             return  # a cancelled job's last tiles, reported after its request failed
-        state = channel.state
-        channel.state = Progress(
-            stage, state.done if done is None else done, state.total if total is None else total
-        )
-        channel.version += 1
+        current = state.progress
+        state.progress = Progress(stage, current.done if done is None else done,
+                                  current.total if total is None else total)
+        state.version += 1
         if stage in FINAL_STAGES:
-            channel.finished_at = time.monotonic()
-        self._loop.create_task(self._notify(channel))
+            state.finished_at = time.monotonic()
+        self.loop.create_task(self._notify(state))
         self._forget_old()
 
     @staticmethod
-    async def _notify(channel: _Channel) -> None:
-        async with channel.changed:
-            channel.changed.notify_all()
+    async def _notify(state: _State) -> None:
+        async with state.changed:
+            state.changed.notify_all()
 
-    def tile_reporter(self, request_id: str) -> Callable[[int, int], None]:
-        """A callback for worker threads: (tiles done, tiles in all), for this request's channel only (a later
-        request may reuse the id)."""
-        channel = self._channel(request_id)
-
-        def report(done: int, total: int) -> None:
-            stage = "encoding" if total and done >= total else "running"  # the last tile: what is left is encoding
-            self._loop.call_soon_threadsafe(self._set, channel, stage, done, total)
-
-        return report
-
-    async def watch(self, request_id: str, owner: str | None) -> AsyncIterator[Progress]:
-        """Yield each new state until the request finishes (or nothing happens for a long while).
-
-        A stream opened before its request arrived ends, unread, if a request of another key claims the id.
-        """
-        channel = self._channel(request_id)
+    async def watch(self, owner: str | None, request_id: str) -> AsyncIterator[Progress]:
+        """Yield each new state of the key's request until it finishes (or nothing happens for a long while)."""
+        key = (owner, request_id)
+        state = self._channels.setdefault(key, _State())
         while True:
-            if channel.claimed and channel.owner != owner:
-                return
-            seen = channel.version
-            yield channel.state
-            if channel.state.stage in FINAL_STAGES:
+            seen = state.version
+            yield state.progress
+            if state.progress.stage in FINAL_STAGES:
                 return
             timeout = _IDLE_TIMEOUT_S if seen else _FIRST_REPORT_TIMEOUT_S
-            async with channel.changed:
+            async with state.changed:
                 try:
-                    await asyncio.wait_for(channel.changed.wait_for(lambda: channel.version != seen), timeout=timeout)
+                    await asyncio.wait_for(state.changed.wait_for(lambda: state.version != seen), timeout=timeout)
                 except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
                     # Nothing ever reported, nor any request claimed it: don't keep the channel.
-                    if channel.version == seen and not channel.claimed and self._channels.get(request_id) is channel:
-                        del self._channels[request_id]
+                    if state.version == seen and not state.claimed and self._channels.get(key) is state:
+                        del self._channels[key]
                     return
-
-    def _channel(self, request_id: str) -> _Channel:
-        return self._channels.setdefault(request_id, _Channel())
 
     def _forget_old(self) -> None:
         now = time.monotonic()
-        for key in [k for k, c in self._channels.items() if c.finished_at and now - c.finished_at > _KEEP_FINISHED_S]:
+        for key in [k for k, s in self._channels.items() if s.finished_at and now - s.finished_at > _KEEP_FINISHED_S]:
             del self._channels[key]

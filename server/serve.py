@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 from types import FrameType
@@ -98,8 +99,9 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
                           http=http_protocol(settings))
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, sock: socket.socket) -> None:
+    """Serve on `sock`, already listening (so that an address in use was a start-up error, not uvicorn's)."""
     configure_logging_for(settings)
     app = create_app(settings)
     config = uvicorn_config(app, settings)
-    asyncio.run(_DrainingServer(config, app.state.admission, settings.request_timeout_s).serve())
+    asyncio.run(_DrainingServer(config, app.state.admission, settings.request_timeout_s).serve(sockets=[sock]))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.api.protocol import CostComponent, DryRunResponse, ImagesResponse, Metadata
@@ -17,7 +17,7 @@ from server.engine.interface import Engine, Reservation
 from server.engine.planning import PictureFacts
 from server.errors import QueueFull
 from server.jobs import Job
-from server.progress import ProgressHub
+from server.progress import Channel, ProgressHub
 from server.remote import RemoteProviders
 from server.results import Published, publish_local, publish_remote
 from server.routing import Route, choose_route, overflow_route
@@ -34,15 +34,15 @@ class Services:
     store: ResultStore
     progress: ProgressHub
     tracker: Tracker  # every request's record, and the async ones' background runs
-    webhook_secret: str
+    webhook_secret: str  # the master secret: each API key signs with its own (`webhooks.secret_for`)
 
 
-async def run(job: Job, services: Services, cancel: threading.Event, base_url: str,
-              started: Callable[[], Awaitable[None]] | None = None) -> ImagesResponse:
-    """Run the job and publish its images; `base_url` is where result URLs point. `started` is awaited once a
-    device or a provider has taken the job, before it runs."""
+async def run(job: Job, services: Services, channel: Channel, cancel: threading.Event, base_url: str,
+              on_start: Callable[[], None] | None = None) -> ImagesResponse:
+    """Run the job and publish its images, its progress reported on `channel`; `base_url` is where result URLs
+    point. `on_start` is called (on the event loop) once a device or a provider takes the job."""
     route = choose_route(job, services.settings, services.engine, services.providers)
-    services.progress.update(job.request_id, "queued")
+    channel.update("queued")
     reservation = None
     if route.local:
         try:
@@ -52,26 +52,19 @@ async def run(job: Job, services: Services, cancel: threading.Event, base_url: s
             if overflow is None:
                 raise
             route = overflow
-    if started is not None:
-        try:
-            await started()
-        except BaseException:
-            if reservation is not None:
-                reservation.release()
-            raise
     if reservation is not None:
         try:
-            published, metadata = await _run_local(job, services, reservation, cancel, base_url)
+            published, metadata = await _run_local(job, services, reservation, channel, cancel, base_url, on_start)
         except QueueFull:  # an engine that queues elsewhere (a cluster) may refuse the job only when it is sent
             overflow = overflow_route(job, services.settings, services.providers)
             if overflow is None:
                 raise
-            published, metadata = await _run_remote(job, services, overflow, base_url)
+            published, metadata = await _run_remote(job, services, overflow, channel, base_url, on_start)
         finally:
             reservation.release()
     else:
-        published, metadata = await _run_remote(job, services, route, base_url)
-    services.progress.update(job.request_id, "done")
+        published, metadata = await _run_remote(job, services, route, channel, base_url, on_start)
+    channel.update("done")
     return ImagesResponse(
         created=int(time.time()),
         size=f"{published.size[0]}x{published.size[1]}",
@@ -84,13 +77,14 @@ def _header_facts(job: Job) -> PictureFacts:
     return PictureFacts.from_header(job.image.width, job.image.height, job.image.alpha)
 
 
-async def _run_local(job: Job, services: Services, reservation: Reservation, cancel: threading.Event,
-                     base_url: str) -> tuple[Published, Metadata]:
-    """The job on the place `reservation` holds, taken before the picture is decoded."""
+async def _run_local(job: Job, services: Services, reservation: Reservation, channel: Channel,
+                     cancel: threading.Event, base_url: str,
+                     on_start: Callable[[], None] | None) -> tuple[Published, Metadata]:
+    """The job on the place `reservation` holds, taken before the picture is decoded; the engine's first progress
+    report (as its device takes the job) is its start."""
     engine = services.engine
-    report = services.progress.tile_reporter(job.request_id)
-    upscaled = await engine.run(job, reservation=reservation, progress=report, cancel=cancel)
-    services.progress.update(job.request_id, "encoding")
+    upscaled = await engine.run(job, reservation=reservation, progress=channel.reporter(on_start), cancel=cancel)
+    channel.update("encoding")
     published = await publish_local(upscaled.images, upscaled.size, job, services.store, base_url)
     metadata = Metadata(
         model=job.requested_model,
@@ -102,11 +96,14 @@ async def _run_local(job: Job, services: Services, reservation: Reservation, can
     return published, metadata
 
 
-async def _run_remote(job: Job, services: Services, route: Route, base_url: str) -> tuple[Published, Metadata]:
+async def _run_remote(job: Job, services: Services, route: Route, channel: Channel, base_url: str,
+                      on_start: Callable[[], None] | None) -> tuple[Published, Metadata]:
     assert route.provider is not None
-    services.progress.update(job.request_id, "running", 0, job.n)
+    if on_start is not None:
+        on_start()
+    channel.update("running", 0, job.n)
     result = await route.provider.upscale(job)
-    services.progress.update(job.request_id, "encoding", job.n, job.n)
+    channel.update("encoding", job.n, job.n)
     settings = services.settings
     # Loupe converts pictures as large as it takes in or makes itself.
     convertible = max(settings.max_input_pixels, settings.max_output_side**2)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from stat import S_ISREG
 
-from server.errors import InternalError, StorageFull
+from server.errors import StorageFull, Unavailable
 from server.jobs import EXTENSIONS, OutputFormat, media_type
 
 log = logging.getLogger("loupe.storage")
@@ -34,7 +34,7 @@ class ResultStore:
         self.ttl_s = ttl_s
 
     def save(self, data: bytes, fmt: OutputFormat) -> str:
-        """Store one result; its name, e.g. "3f2a…c1.png". StorageFull or InternalError when the disk refuses."""
+        """Store one result; its name, e.g. "3f2a…c1.png". StorageFull (507) or Unavailable (503) when the disk refuses."""
         if fmt not in EXTENSIONS:
             raise ValueError(f"no result format {fmt!r}; known: {sorted(EXTENSIONS)}")
         extension = EXTENSIONS[fmt]
@@ -46,8 +46,8 @@ class ResultStore:
             log.error("could not store a result", extra={"directory": str(self.root), "error": str(error)})
             if error.errno in _DISK_FULL:
                 raise StorageFull("the server's result storage is full; try again later or ask for b64_json") from None
-            raise InternalError("the server could not store the result; ask for b64_json or tell the operator",
-                                code="STORAGE_UNAVAILABLE") from None
+            raise Unavailable("the server could not store the result; ask for b64_json or tell the operator",
+                              code="STORAGE_UNAVAILABLE", transient=False) from None
         return name
 
     def open(self, name: str) -> tuple[Path, str] | None:
@@ -89,19 +89,23 @@ class ResultStore:
         return now >= mtime + self.ttl_s
 
 
-def write_atomically(final: Path, data: bytes) -> None:
-    """`data` under `final` whole or not at all: a temp file beside it, fsync, rename over it."""
+def write_atomically(final: Path, data: bytes, *, durable: bool = True) -> None:
+    """`data` under `final` whole or not at all: a temp file beside it, renamed over it. `durable`: fsynced, file
+    and folder, so that it survives a power cut too, not only the process's end."""
     descriptor, temp = tempfile.mkstemp(dir=final.parent, prefix=_TEMP_PREFIX)
     try:
         with os.fdopen(descriptor, "wb") as file:
             os.fchmod(file.fileno(), 0o666 & ~_UMASK)  # what a plain open() would give, not mkstemp's 0600
             file.write(data)
             file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                os.fsync(file.fileno())
         os.replace(temp, final)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+    if not durable:
+        return
     folder = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(folder)  # the rename itself survives a power cut

@@ -3,14 +3,17 @@
 Headers `webhook-id`, `webhook-timestamp` and `webhook-signature: v1,<base64 HMAC-SHA256 of
 "id.timestamp.body">` under a `whsec_` secret (`LOUPE_WEBHOOK_SECRET`, or one generated once and kept in the
 data dir). A failed delivery (no answer within the timeout, or not a 2xx) is retried after each delay of
-`LOUPE_WEBHOOK_RETRY_S`; every attempt is recorded on the request. The URL passes the image URL guard when
-it is submitted and again at every attempt, and redirects are never followed.
+`LOUPE_WEBHOOK_RETRY_S`; every attempt is recorded on the request. The URL passes the outbound policy when
+it is submitted and again at every attempt, and redirects are never followed. With API keys, each key's
+deliveries are signed with a secret of its own, derived from the master secret and the key.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import datetime
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -22,47 +25,67 @@ from typing import Any
 import httpx
 from standardwebhooks import Webhook
 
-from server import net
+from server import outbound
 from server.config import Settings, SettingsError
 from server.errors import InvalidInput
+from server.outbound import Outbound
 
 log = logging.getLogger("loupe.webhooks")
 
 MAX_URL_LENGTH = 2048
 _SECRET_FILE = "webhook-secret"
 _PREFIX = "whsec_"
+_MIN_SECRET_BYTES = 16
 
 Record = Callable[[dict[str, Any]], Awaitable[None]]  # stores one attempt on the request
 
 
 def load_secret(settings: Settings) -> str:
-    """`LOUPE_WEBHOOK_SECRET`, else the data dir's secret, made on first use and readable by its owner only."""
+    """`LOUPE_WEBHOOK_SECRET`, else the data dir's secret, made on first use and readable by its owner only.
+    SettingsError, naming the variable or the file, when it can't be had."""
     if settings.webhook_secret is not None:
-        _check_secret(settings.webhook_secret, "LOUPE_WEBHOOK_SECRET")
-        return settings.webhook_secret
+        return _check_secret(settings.webhook_secret, "LOUPE_WEBHOOK_SECRET")
     path = settings.data_dir / _SECRET_FILE
     try:
-        return _check_secret(path.read_text().strip(), str(path))
-    except FileNotFoundError:
-        pass
-    secret = _PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first: use theirs
-        return _check_secret(path.read_text().strip(), str(path))
-    with os.fdopen(descriptor, "w") as file:
-        file.write(secret + "\n")
-    return secret
+        try:
+            return _check_secret(path.read_text().strip(), str(path))
+        except FileNotFoundError:
+            pass
+        secret = _PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first: use theirs
+            return _check_secret(path.read_text().strip(), str(path))
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secret + "\n")
+        return secret
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise SettingsError(f"the webhook secret file {path} can't be read or made ({reason}): fix it, or set "
+                            "LOUPE_WEBHOOK_SECRET") from None
 
 
 def _check_secret(secret: str, where: str) -> str:
     try:
-        if not secret.startswith(_PREFIX) or not base64.b64decode(secret[len(_PREFIX):], validate=True):
-            raise ValueError
+        key = base64.b64decode(secret[len(_PREFIX):], validate=True) if secret.startswith(_PREFIX) else b""
     except ValueError:
-        raise SettingsError(f"{where} must be a Standard Webhooks secret: whsec_ followed by base64") from None
+        key = b""
+    if len(key) < _MIN_SECRET_BYTES:
+        raise SettingsError(f"{where} must be a Standard Webhooks secret: whsec_ followed by the base64 of at least "
+                            f"{_MIN_SECRET_BYTES} random bytes")
     return secret
+
+
+def secret_for(master: str, owner: str | None) -> str:
+    """The secret that signs the webhooks of one API key's requests: the master secret itself on a server without
+    keys; with keys, each key's own, derived from the master secret and the key, so that no key can sign as
+    another."""
+    if owner is None:
+        return master
+    key = base64.b64decode(master[len(_PREFIX):])
+    derived = hmac.new(key, b"loupe webhook secret for " + owner.encode(), hashlib.sha256).digest()
+    return _PREFIX + base64.b64encode(derived).decode()
 
 
 async def check_url(url: str, settings: Settings) -> str:
@@ -70,8 +93,12 @@ async def check_url(url: str, settings: Settings) -> str:
     (any host with LOUPE_ALLOW_PRIVATE_URLS). InvalidInput on param `webhook_url` otherwise."""
     if len(url) > MAX_URL_LENGTH:
         raise InvalidInput(f"webhook_url is longer than {MAX_URL_LENGTH} characters", "webhook_url")
-    parsed = net.parse_url(url, "webhook_url")
-    await net.vetted_addresses(parsed, settings, "webhook_url")
+    try:
+        await Outbound.of(settings, trust_providers=False).vet(outbound.parse_url(url, "webhook_url"), "webhook_url")
+    except outbound.Unreachable as failure:
+        raise InvalidInput(f"could not reach webhook_url: {failure.message}", "webhook_url") from None
+    except outbound.OutboundFailure as failure:
+        raise InvalidInput(failure.message, "webhook_url") from None
     return url
 
 
@@ -81,7 +108,8 @@ class Deliverer:
 
     def __init__(self, settings: Settings, secret: str) -> None:
         self.settings = settings
-        self.signer = Webhook(secret)
+        self.secret = secret  # the master secret; each key's deliveries are signed with its own (`secret_for`)
+        self.policy = Outbound.of(settings, trust_providers=False)
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -89,10 +117,13 @@ class Deliverer:
         """How many times one message is tried: once, then once per retry delay."""
         return 1 + len(self.settings.webhook_retry_s)
 
-    def send(self, url: str, message_id: str, body: dict[str, Any], record: Record, done: int = 0) -> None:
-        """Deliver `body` in the background; `done` attempts were made before (by a process that stopped)."""
+    def send(self, url: str, message_id: str, body: dict[str, Any], record: Record, *, owner: str | None,
+             done: int = 0) -> None:
+        """Deliver `body` in the background, signed with the secret of `owner` (the request's API key); `done`
+        attempts were made before (by a process that stopped)."""
         payload = json.dumps(body, separators=(",", ":"))
-        task = asyncio.create_task(self._deliver(url, message_id, payload, record, done))
+        signer = Webhook(secret_for(self.secret, owner))
+        task = asyncio.create_task(self._deliver(url, message_id, payload, signer, record, done))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -103,12 +134,13 @@ class Deliverer:
             for task in pending:
                 task.cancel()
 
-    async def _deliver(self, url: str, message_id: str, body: str, record: Record, done: int) -> None:
+    async def _deliver(self, url: str, message_id: str, body: str, signer: Webhook, record: Record,
+                       done: int) -> None:
         delays = [0.0, *self.settings.webhook_retry_s[done:]]  # the first try of a resumed delivery goes at once
         for attempt, delay in enumerate(delays, start=done + 1):
             await asyncio.sleep(delay)
             began = time.time()
-            status, error = await self._attempt(url, message_id, body)
+            status, error = await self._attempt(url, message_id, body, signer)
             delivered = status is not None and 200 <= status < 300
             await record({"attempt": attempt, "at": round(began, 3), "seconds": round(time.time() - began, 3),
                           "status_code": status, "error": error, "delivered": delivered})
@@ -117,27 +149,24 @@ class Deliverer:
             log.warning("webhook delivery failed", extra={"message_id": message_id, "attempt": attempt,
                                                           "status_code": status, "error": error})
 
-    async def _attempt(self, url: str, message_id: str, body: str) -> tuple[int | None, str | None]:
+    async def _attempt(self, url: str, message_id: str, body: str, signer: Webhook) -> tuple[int | None, str | None]:
         """(the receiver's status, None), or (None, why no answer came)."""
         timestamp = datetime.datetime.now(tz=datetime.timezone.utc)
         headers = {
             "content-type": "application/json",
             "webhook-id": message_id,
             "webhook-timestamp": str(int(timestamp.timestamp())),
-            "webhook-signature": self.signer.sign(message_id, timestamp, body),
+            "webhook-signature": signer.sign(message_id, timestamp, body),
         }
         timeout = self.settings.webhook_timeout_s
         try:
-            parsed = net.parse_url(url, "webhook_url")
-            addresses = await net.vetted_addresses(parsed, self.settings, "webhook_url")
             async with httpx.AsyncClient(trust_env=False) as client:
                 response = await asyncio.wait_for(
-                    net.send_pinned(client, "POST", parsed, addresses, httpx.Timeout(timeout), headers,
-                                    body.encode()), timeout)
+                    self.policy.send(client, "POST", url, noun="webhook_url", timeout=httpx.Timeout(timeout),
+                                     headers=headers, content=body.encode()), timeout)
+                await response.aclose()
                 return response.status_code, None
-        except InvalidInput as refused:
-            return None, refused.message
-        except (asyncio.TimeoutError, httpx.TimeoutException):
+        except (asyncio.TimeoutError, outbound.TimedOut):
             return None, f"no answer within {timeout:g} s"
-        except httpx.HTTPError as failure:
-            return None, f"{type(failure).__name__}: {failure}"
+        except outbound.OutboundFailure as failure:
+            return None, failure.message

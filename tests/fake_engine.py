@@ -66,10 +66,10 @@ class FakeEngine:
         if self.gate is not None:
             self.gate.set()
 
-    def find(self, name: str) -> ModelEntry | None:
+    async def find(self, name: str) -> ModelEntry | None:
         return catalog.find(name)
 
-    def custom_models(self) -> list[Any]:
+    async def custom_models(self, wait_s: float) -> list[Any]:
         return []
 
     def unavailable_reason(self, entry: ModelEntry) -> str | None:
@@ -101,6 +101,8 @@ class FakeEngine:
         plan = await self.plan_job(job)
         picture = imagework.decode(job.image, self.settings.max_input_pixels)
         self.runs += 1
+        if progress is not None:
+            progress(0, 1)  # as a device taking the job reports it
         self.started.set()
         if self.gate is not None:
             while not self.gate.is_set():

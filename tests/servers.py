@@ -38,3 +38,33 @@ def serve(app: object, *, port: int | None = None, **options: Any) -> Iterator[s
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def hanging_up_port() -> Iterator[tuple[str, list[int]]]:
+    """A port on 127.0.0.1 that takes each connection and closes it at once, answering nothing; yields its base URL
+    and a one-item list: the connections taken so far (counted before each is closed, so before its client sees the
+    failure)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.05)  # only how often the loop looks at `stop`
+    stop, taken = threading.Event(), [0]
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            taken[0] += 1
+            connection.close()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", taken
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        listener.close()

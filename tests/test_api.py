@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import time
 from pathlib import Path
 
@@ -164,14 +165,19 @@ def test_every_response_carries_a_request_id(loupe_url: str) -> None:
 def test_results_expire(weights_dir: Path, tmp_path: Path, source_png: Path) -> None:
     from server.app import create_app
 
-    settings = loupe_settings(weights_dir, tmp_path, result_ttl_s=1)
+    ttl_s = 3600
+    settings = loupe_settings(weights_dir, tmp_path, result_ttl_s=ttl_s)
     with serve(create_app(settings)) as url:
         response = httpx.post(f"{url}/v1/images/edits", data={"model": "realesr-animevideov3", "scale_factor": "2"},
                               files={"image": source_png.read_bytes()}, timeout=120)
         result_url = response.json()["data"][0]["url"]
-        assert httpx.get(result_url).status_code == 200
-        time.sleep(1.5)
-        expired = httpx.get(result_url)
+        assert httpx.get(result_url, timeout=60).status_code == 200
+        # A result expires by its file's mtime: age it past the TTL instead of waiting the TTL out.
+        stored = tmp_path / "results" / result_url.rsplit("/", 1)[1]
+        assert stored.is_file()
+        past = time.time() - ttl_s - 1
+        os.utime(stored, (past, past))
+        expired = httpx.get(result_url, timeout=60)
         assert expired.status_code == 404
         assert expired.json()["error"]["code"] == "RESULT_NOT_FOUND"
 
@@ -189,7 +195,7 @@ def test_public_url_builds_result_urls(weights_dir: Path, tmp_path: Path, source
 def test_api_keys_guard_every_v1_route(weights_dir: Path, tmp_path: Path, source_png: Path) -> None:
     from server.app import create_app
 
-    settings = loupe_settings(weights_dir, tmp_path, api_keys=["k-one", "k-two"])
+    settings = loupe_settings(weights_dir, tmp_path, api_keys=["key-one-0123456789", "key-two-0123456789"])
     with serve(create_app(settings)) as url:
         anonymous = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as refused:
@@ -197,6 +203,6 @@ def test_api_keys_guard_every_v1_route(weights_dir: Path, tmp_path: Path, source
         assert refused.value.response.json()["error"]["code"] == "AUTHENTICATION_FAILED"
         assert refused.value.response.headers["x-should-retry"] == "false"
         assert httpx.post(f"{url}/v1/images/edits", data={"model": "real-esrgan"}).status_code == 401
-        keyed = openai.OpenAI(base_url=f"{url}/v1", api_key="k-two", max_retries=0)
+        keyed = openai.OpenAI(base_url=f"{url}/v1", api_key="key-two-0123456789", max_retries=0)
         assert any(model.id == "real-esrgan" or model.id == "realesrgan-x4plus" for model in keyed.models.list())
         assert httpx.get(f"{url}/healthz").status_code == 200

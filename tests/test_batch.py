@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import signal
@@ -9,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -226,16 +229,51 @@ def test_discarding_the_files_in_flight_writes_none_of_them(tmp_path: Path, weig
     entry = catalog.find(MODEL)
     assert entry is not None
     items, refused = collect([str(source)], out, None)
-    batch = Batch(LocalEngine(settings), settings, Options(entry, scale=2), items, refused)
+    engine = LocalEngine(settings)  # one device: the files reach it one at a time, in their sorted order
+    assert len(engine.devices) == 1
+    # The second file's model run holds the device at its first report of tiles done (more are to come), until the
+    # batch has been told to discard it: no guess at how long a file takes.
+    on_device, discarded = threading.Event(), threading.Event()
+    first_report: list[tuple[int, int]] = []
+    runs = itertools.count()  # the device's model runs, one a file
+    upscale_sync = engine.upscale_sync
+
+    def held_upscale(*args: Any, progress: Callable[[int, int], None] | None = None, **kwargs: Any) -> Any:
+        if next(runs) != 1:
+            return upscale_sync(*args, progress=progress, **kwargs)
+
+        def report(done: int, total: int) -> None:
+            if progress is not None:  # the batch's own, should it watch
+                progress(done, total)
+            if done > 0 and not first_report:  # past (0, total), which only says the device took the job
+                first_report.append((done, total))
+                on_device.set()
+                discarded.wait(120)
+
+        return upscale_sync(*args, progress=report, **kwargs)
+
+    engine.upscale_sync = held_upscale  # type: ignore[method-assign]
+    batch = Batch(engine, settings, Options(entry, scale=2), items, refused)
     runner = threading.Thread(target=lambda: setattr(batch, "report", batch.run()))
     runner.start()
-    time.sleep(0.5)
-    batch.stop(discard_running=True)
-    runner.join(60)
+    try:
+        assert on_device.wait(120), "the second file never reached the device"
+        batch.stop(discard_running=True)
+    finally:
+        discarded.set()
+        runner.join(120)
+    assert not runner.is_alive()
+    # The held run was mid-file: past its first batch of tiles, with a batch after the one in flight, so the
+    # cancel is seen between two tiles.
+    (done, total), = first_report
+    assert 0 < done and 2 * done < total, first_report
 
     statuses = {Path(r.path).name: r.status for r in batch.report.files}
     assert set(statuses) == {"0.png", "1.png", "2.png"}
     assert "interrupted" in statuses.values() and set(statuses.values()) <= {"upscaled", "interrupted"}
+    assert statuses == {"0.png": "upscaled", "1.png": "interrupted", "2.png": "interrupted"}
+    in_flight = next(r for r in batch.report.files if Path(r.path).name == "1.png")
+    assert in_flight.reason == "the batch was stopped; this file's work was discarded"
     written = sorted(path.name for path in out.rglob("*")) if out.exists() else []
     assert written == sorted(name for name, status in statuses.items() if status == "upscaled")
 
@@ -292,14 +330,21 @@ def test_images_are_told_from_junk_by_their_content() -> None:
 
 
 class TwoDeviceEngine:
-    """The slice of `LocalEngine` a batch uses, over two fake devices of different speeds that resample instead
-    of upscaling; a file whose first pixel is 7 fails on either, as a file can run a device out of memory."""
+    """The slice of `LocalEngine` a batch uses, over two fake devices that resample instead of upscaling; a file
+    whose first pixel is 7 fails on either, as a file can run a device out of memory.
+
+    Both devices take files, and files finish out of order, by events rather than by speed: each device's first
+    file waits until the other device holds one too, and cpu:1's first file ends only once cpu:0 has finished
+    another file after its first."""
 
     devices = [torch.device("cpu", 0), torch.device("cpu", 1)]
 
     def __init__(self) -> None:
-        self.ran_on: dict[str, torch.device] = {}
+        self.ran_on: dict[int, torch.device] = {}
         self.lock = threading.Lock()
+        self.taken = {0: 0, 1: 0}  # files each device has taken
+        self.both_hold_one = threading.Barrier(2)
+        self.overtaken = threading.Event()  # cpu:0 has finished its second file
 
     def unavailable_reason(self, entry: object) -> None:
         return None
@@ -311,12 +356,21 @@ class TwoDeviceEngine:
     def upscale_sync(self, plan: tuple[torch.device, tuple[int, int]], picture: Picture, *, seed: int | None,
                      cancel: threading.Event) -> list[Picture]:
         device, target = plan
-        time.sleep(0.01 * (1 + device.index))  # devices of different speeds: files finish out of order
         with self.lock:
+            self.taken[device.index] += 1
+            turn = self.taken[device.index]
             self.ran_on[int(picture.pixels[1, 1, 0])] = device
-        if picture.pixels[0, 0, 0] == 7:
-            raise OutOfDeviceMemory("the fake device ran out of memory")
-        return [Picture(resize(picture.pixels, *target))]
+        try:
+            if turn == 1:
+                self.both_hold_one.wait(timeout=120)  # raises, failing this file, if the other device takes none
+                if device.index == 1 and not self.overtaken.wait(timeout=120):
+                    raise AssertionError("cpu:0 finished no second file")
+            if picture.pixels[0, 0, 0] == 7:
+                raise OutOfDeviceMemory("the fake device ran out of memory")
+            return [Picture(resize(picture.pixels, *target))]
+        finally:
+            if device.index == 0 and turn == 2:
+                self.overtaken.set()
 
 
 def test_every_device_takes_files_and_every_file_ends_with_one_record(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,6 +166,24 @@ def test_redact() -> None:
     assert redact("key=abc and abcdef", ["abc", "abcdef"]) == "key=[REDACTED] and [REDACTED]"
     assert redact("nothing to hide", []) == "nothing to hide"
     assert redact("empty secrets are ignored", ["", None]) == "empty secrets are ignored"
+
+
+def test_redaction_blanks_whole_tokens_only() -> None:
+    key, half = "sk-0123456789abcdef", "abcdefgh"
+    text = f"Bearer {key}, ({key}). key={key}; the words around it and inside a longer sk-0123456789abcdefXYZ stay"
+    assert redact(text, [key]) == ("Bearer [REDACTED], ([REDACTED]). key=[REDACTED]; the words around it and inside "
+                                   "a longer sk-0123456789abcdefXYZ stay")
+    # fal's `id:secret` halves are blanked as tokens too, never as letters inside other words.
+    assert redact(f"Key 12345678:{half} and {half}, but not xabcdefghx", [f"12345678:{half}"]) == \
+        "Key [REDACTED] and [REDACTED], but not xabcdefghx"
+
+
+def test_a_file_name_that_is_not_utf8_is_logged_as_escapes(restore_logging: None,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("info")
+    logging.getLogger("loupe.test").warning("odd file", extra={"file": os.fsdecode(b"caf\xe9.png")})
+    (line,) = _lines(capsys.readouterr().err)
+    assert line["file"] == "caf\\udce9.png"
 
 
 def test_formatter_copes_with_values_json_cannot_hold() -> None:

@@ -24,14 +24,8 @@ import trustme
 from server.config import Settings
 from server.api.errors import retryable, status_of
 from server.errors import LoupeError
-from server.net import (
-    IPAddress,
-    classify_address,
-    decode_data_uri,
-    fetch_image_url,
-    read_capped,
-    resolve_host,
-)
+from server.net import decode_data_uri, fetch_image_url, read_capped
+from server.outbound import IPAddress, classify_address, resolve_host
 from tests.servers import free_port, serve
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
@@ -304,19 +298,18 @@ def test_empty_response_is_refused(host: tuple[ImageHost, str]) -> None:
 
 def test_endless_body_is_cut_at_the_cap(host: tuple[ImageHost, str]) -> None:
     _, base = host
-    started = time.monotonic()
-    error = _fetch_error(f"{base}/endless", _settings(max_upload_bytes=256 * 1024))
+    # The deadline is far off: a 413 (not a 400 "no complete answer") says the cap, not the clock, ended it.
+    error = _fetch_error(f"{base}/endless", _settings(max_upload_bytes=256 * 1024, url_timeout_s=120.0))
     assert status_of(error) == 413
     assert error.code == "PAYLOAD_TOO_LARGE"
-    assert time.monotonic() - started < 3
 
 
 def test_honest_content_length_is_refused_before_reading(host: tuple[ImageHost, str]) -> None:
     _, base = host
-    started = time.monotonic()
-    error = _fetch_error(f"{base}/declared-huge", _settings(url_timeout_s=10.0))
+    # The body never comes: waiting for it would end at the deadline in a 400, never in a 413.
+    error = _fetch_error(f"{base}/declared-huge", _settings(url_timeout_s=120.0))
     assert status_of(error) == 413
-    assert time.monotonic() - started < 3
+    assert error.code == "PAYLOAD_TOO_LARGE"
 
 
 @pytest.mark.parametrize("path", ["/hang", "/stall-body"])
@@ -326,7 +319,7 @@ def test_a_server_that_hangs_times_out(host: tuple[ImageHost, str], path: str) -
     error = _fetch_error(f"{base}{path}", _settings(url_timeout_s=0.5))
     assert status_of(error) == 400
     assert error.message == "could not fetch image URL: no complete answer within 0.5 s"
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 60  # the hang is endless: any finite bound tells the deadline from a hang
 
 
 def test_unreachable_and_unknown_hosts_are_400s() -> None:

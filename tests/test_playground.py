@@ -24,11 +24,21 @@ CHROMIUM_FLAGS = [
 SCREENSHOT = PROJECT_ROOT / "test-output" / "playground.png"
 MODEL = "realesr-animevideov3"
 RUN_TIMEOUT_MS = 180_000
+# For what needs a fetch or a script to run (the model list, a stored result reopened): a hang, not a slow machine.
+EXPECT_TIMEOUT_MS = 60_000
 API_KEY = "sk-playground-test-key"
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="install Debian's chromium (apt-get install chromium) to run the browser test"
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def patient_expect() -> Iterator[None]:
+    """Every `expect` of this module waits up to EXPECT_TIMEOUT_MS, not Playwright's default 5 s."""
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
+    yield
+    expect.set_options(timeout=None)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +53,7 @@ def browser() -> Iterator[Browser]:
 def open_page(browser: Browser, base_url: str) -> Iterator[Page]:
     """A fresh page (own storage) at the playground; any script error on it fails the test."""
     context = browser.new_context(base_url=base_url, viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(EXPECT_TIMEOUT_MS)  # page loads and waits for a selector, as for `expect`
     page = context.new_page()
     script_errors: list[str] = []
     page.on("pageerror", lambda error: script_errors.append(str(error)))
@@ -186,6 +197,7 @@ def keyed_loupe_url(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 def test_api_key_is_remembered_and_sent_with_every_call(browser: Browser, keyed_loupe_url: str, photo: Path) -> None:
     context = browser.new_context(base_url=keyed_loupe_url)
+    context.set_default_timeout(EXPECT_TIMEOUT_MS)
     try:
         page = context.new_page()
         page.goto("/")

@@ -31,7 +31,7 @@ from standardwebhooks import Webhook
 from server.api.tracking import Tracker
 from server.app import create_app
 from server.config import SettingsError
-from server.errors import InternalError
+from server.errors import InternalError, QueueFull
 from server.request_store import MIGRATIONS, RequestRow, RequestStore
 from server.webhooks import Deliverer, load_secret
 from tests import photos
@@ -49,11 +49,12 @@ def png(size: tuple[int, int] = (32, 24)) -> bytes:
 
 
 class Receiver:
-    """A webhook receiver: answers each POST with the next status of `statuses` (then 200), or hangs."""
+    """A webhook receiver: answers each POST with the next status of `statuses` (then 200); with `hold`, only once
+    that event is set (or after 60 s)."""
 
-    def __init__(self, statuses: list[int] | None = None, hang_s: float = 0.0) -> None:
+    def __init__(self, statuses: list[int] | None = None, hold: threading.Event | None = None) -> None:
         self.statuses = list(statuses or [])
-        self.hang_s = hang_s
+        self.hold = hold
         self.calls: list[tuple[dict[str, str], bytes, float]] = []
         self.app = FastAPI()
         self.app.post("/hook")(self._hook)
@@ -61,8 +62,8 @@ class Receiver:
 
     async def _hook(self, request: Request) -> Response:
         self.calls.append((dict(request.headers), await request.body(), time.monotonic()))
-        if self.hang_s:
-            await asyncio.sleep(self.hang_s)
+        if self.hold is not None:
+            await asyncio.to_thread(self.hold.wait, 60)
         return Response(status_code=self.statuses.pop(0) if self.statuses else 200)
 
     def wait_for(self, count: int, timeout: float = 20) -> None:
@@ -166,19 +167,39 @@ def test_a_failing_receiver_is_retried_and_every_attempt_is_recorded(tmp_path: P
 
 
 def test_a_receiver_that_hangs_delays_no_other_job(tmp_path: Path) -> None:
-    receiver = Receiver(hang_s=5)
-    with serve(receiver.app) as receiver_url, loupe(tmp_path, webhook_timeout_s=0.3, webhook_retry_s=[]) as client:
-        first = submit(client, webhook_url=f"{receiver_url}/hook").json()["id"]
-        receiver.wait_for(1)
-        started = time.monotonic()
-        assert submit(client).status_code == 200  # while the receiver still holds the first one's webhook
-        assert time.monotonic() - started < 3
-        attempts = wait_status(client, first, "completed")["webhook_attempts"]
-        deadline = time.monotonic() + 10
-        while not attempts:
+    receiver = Receiver(hold=threading.Event())
+    with serve(receiver.app) as receiver_url, loupe(tmp_path, webhook_timeout_s=60, webhook_retry_s=[]) as client:
+        try:
+            first = submit(client, webhook_url=f"{receiver_url}/hook").json()["id"]
+            receiver.wait_for(1)  # the receiver holds the first one's webhook, and goes on holding it
+            assert submit(client).status_code == 200
+            # An attempt is recorded as it ends: none yet, so the other job ran while the webhook was outstanding.
+            assert client.get(f"/v1/requests/{first}").json()["webhook_attempts"] == []
+        finally:
+            receiver.hold.set()  # type: ignore[union-attr]
+        deadline = time.monotonic() + 60
+        while not (attempts := client.get(f"/v1/requests/{first}").json()["webhook_attempts"]):
             assert time.monotonic() < deadline
-            attempts = client.get(f"/v1/requests/{first}").json()["webhook_attempts"]
+            time.sleep(0.02)
+        assert [(a["status_code"], a["delivered"]) for a in attempts] == [(200, True)]
+
+
+def test_a_receiver_that_does_not_answer_in_time_is_given_up_on(tmp_path: Path) -> None:
+    # The receiver answers only once the attempt has been recorded: only the 0.3 s timeout can have ended it.
+    receiver = Receiver(hold=threading.Event())
+    with serve(receiver.app) as receiver_url, loupe(tmp_path, webhook_timeout_s=0.3, webhook_retry_s=[]) as client:
+        try:
+            first = submit(client, webhook_url=f"{receiver_url}/hook").json()["id"]
+            assert wait_status(client, first, "completed")["status"] == "completed"
+            deadline = time.monotonic() + 60
+            while not (attempts := client.get(f"/v1/requests/{first}").json()["webhook_attempts"]):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            assert len(receiver.calls) == 1
+        finally:
+            receiver.hold.set()  # type: ignore[union-attr]
         assert attempts[0]["error"] == "no answer within 0.3 s" and not attempts[0]["delivered"]
+        assert attempts[0]["status_code"] is None
 
 
 @pytest.mark.parametrize("url, message", [
@@ -219,10 +240,31 @@ def test_every_sync_edit_is_recorded_under_its_request_id_and_the_sdk_is_unchang
 
 def test_cancel_a_pending_and_a_processing_request(tmp_path: Path) -> None:
     engine = FakeEngine(loupe_settings(Path("weights"), tmp_path), busy_for_s=0.05)  # every device is full
+    refusals, ended = [0], threading.Event()
+    reserve, run = engine.reserve, engine.run
+
+    def counted_reserve(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return reserve(*args, **kwargs)
+        except QueueFull:
+            refusals[0] += 1
+            raise
+
+    async def marked_run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await run(*args, **kwargs)
+        finally:
+            ended.set()
+
+    engine.reserve, engine.run = counted_reserve, marked_run  # type: ignore[method-assign]
     receiver = Receiver()
     with serve(receiver.app) as receiver_url, loupe(tmp_path, engine) as client:
         pending = submit(client, webhook_url=f"{receiver_url}/hook").json()["id"]
-        time.sleep(0.2)
+        # Refused by the busy engine, waited, and refused again: it is waiting its turn.
+        deadline = time.monotonic() + 60
+        while refusals[0] < 2:
+            assert time.monotonic() < deadline, f"{refusals[0]} refusals"
+            time.sleep(0.02)
         assert client.get(f"/v1/requests/{pending}").json()["status"] == "pending"  # waiting its turn
         cancelled = client.delete(f"/v1/requests/{pending}")
         assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
@@ -230,11 +272,13 @@ def test_cancel_a_pending_and_a_processing_request(tmp_path: Path) -> None:
         assert json.loads(receiver.calls[0][1])["status"] == "cancelled"
 
         engine.busy_for_s, engine.gate = None, threading.Event()  # a device takes the next one, and holds it
-        running = submit(client, headers={"Prefer": "respond-async"}).json()["id"]
+        running = submit(client, headers={"Prefer": "respond-async"}, webhook_url=f"{receiver_url}/hook").json()["id"]
         wait_status(client, running, "processing")
         assert client.delete(f"/v1/requests/{running}").json()["status"] == "cancelled"
         engine.gate.set()
-        time.sleep(0.2)
+        assert ended.wait(60), "the cancelled run never ended"  # nothing of the run is left to finish
+        receiver.wait_for(2)  # its one webhook: sent once its ending was recorded
+        assert json.loads(receiver.calls[1][1])["status"] == "cancelled"
         after = client.get(f"/v1/requests/{running}").json()
         assert after["status"] == "cancelled" and after["result"] is None and after["error"]["code"] == "CANCELLED"
         assert client.delete(f"/v1/requests/{running}").json()["status"] == "cancelled"  # idempotent
@@ -252,8 +296,9 @@ def test_cancel_a_pending_and_a_processing_request(tmp_path: Path) -> None:
 
 
 def test_a_key_sees_only_its_own_requests(tmp_path: Path) -> None:
-    with loupe(tmp_path, api_keys=["key-a", "key-b"]) as client:
-        alice, bob = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    key_a, key_b = "key-a-0123456789ab", "key-b-0123456789ab"
+    with loupe(tmp_path, api_keys=[key_a, key_b]) as client:
+        alice, bob = {"Authorization": f"Bearer {key_a}"}, {"Authorization": f"Bearer {key_b}"}
         mine = submit(client, headers={**alice, "Prefer": "respond-async"}).json()["id"]
         wait_status(client, mine, "completed", headers=alice)
         assert client.get(f"/v1/requests/{mine}", headers=bob).status_code == 404
@@ -261,9 +306,12 @@ def test_a_key_sees_only_its_own_requests(tmp_path: Path) -> None:
         assert client.get("/v1/requests", headers=bob).json()["data"] == []
         assert [r["id"] for r in client.get("/v1/requests", headers=alice).json()["data"]] == [mine]
         assert client.get("/v1/requests").status_code == 401
-        # An id another key used can't be taken over.
-        taken = submit(client, headers={**bob, "X-Request-Id": mine})
-        assert taken.status_code == 409 and taken.json()["error"]["code"] == "REQUEST_ID_IN_USE"
+        # Ids are each key's own: B's request under A's id is B's, and A's record is untouched.
+        theirs = submit(client, headers={**bob, "X-Request-Id": mine})
+        assert theirs.status_code == 200, theirs.text
+        assert client.get(f"/v1/requests/{mine}", headers=bob).json()["status"] == "completed"
+        assert client.get(f"/v1/requests/{mine}", headers=alice).json()["result"]["data"][0]["url"] != \
+            client.get(f"/v1/requests/{mine}", headers=bob).json()["result"]["data"][0]["url"]
 
 
 def test_requests_are_listed_newest_first_by_pages_and_status(tmp_path: Path) -> None:
@@ -309,7 +357,7 @@ def test_records_expire_with_their_results_but_never_while_running(tmp_path: Pat
         store.claim(RequestRow(id=request_id, owner=None, status=status, created=now - 200, completed_at=ended,
                                 model=MODEL, background=True))
     assert store.expire(ttl_s=50, now=now) == 1
-    assert store.get("old") is None
+    assert store.get(None, "old") is None
     assert {row.id for row in store.with_status("processing", "pending", "failed")} == {"fresh", "running", "waiting"}
     assert store.schema_version == len(MIGRATIONS)
     assert sqlite3.connect(tmp_path / "loupe.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -348,10 +396,24 @@ def _start_server(data_dir: Path, weights_dir: Path, port: int) -> subprocess.Po
         time.sleep(0.2)
 
 
-def _photo() -> bytes:
+def _photo(side: int = 96) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(photos.astronaut((96, 96))).save(buffer, "PNG")
+    Image.fromarray(photos.astronaut((side, side))).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def _wait_mid_run(url: str, request_id: str) -> dict[str, Any]:
+    """The first progress event of a running job with at least half its tiles still to run."""
+    with httpx.stream("GET", f"{url}/v1/progress/{request_id}", timeout=120) as events:
+        assert events.status_code == 200
+        for line in events.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            assert event["stage"] not in ("encoding", "done", "failed"), event  # too late to kill it mid-run
+            if event["stage"] == "running" and event["total"] > 0 and 2 * event["done"] <= event["total"]:
+                return event
+    raise AssertionError(f"the progress stream of {request_id} ended before the job ran")
 
 
 @pytest.mark.slow
@@ -361,17 +423,20 @@ def test_records_survive_restarts_a_killed_job_fails_and_a_stopped_one_runs_agai
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with serve(receiver.app) as receiver_url:
-        def submit_slow(client: httpx.Client) -> str:
+        def submit_slow(client: httpx.Client, side: int = 96) -> str:
             answer = client.post("/v1/images/edits", data={"model": MODEL, "webhook_url": f"{receiver_url}/hook"},
-                                 files={"image": ("photo.png", _photo())})
+                                 files={"image": ("photo.png", _photo(side))})
             assert answer.status_code == 202, answer.text
             return answer.json()["id"]
 
         server = _start_server(tmp_path, weights_dir, port)
         try:
             with httpx.Client(base_url=url, timeout=30) as client:
-                killed = submit_slow(client)
+                # 160² in 32-px tiles: 25 tiles, seconds of x4plus on a CPU; the half of it still to run when it is
+                # killed leaves no race with its end.
+                killed = submit_slow(client, side=160)
                 wait_status(client, killed, "processing", timeout=60)
+                _wait_mid_run(url, killed)
             server.kill()  # mid-run, as a crash would
             server.wait(timeout=30)
 
@@ -417,10 +482,26 @@ def test_a_webhook_a_shutdown_cut_short_is_resumed_at_the_next_start(tmp_path: P
 
         async def restart() -> None:
             assert await tracker.recover() == []
-            await tracker.deliverer.drain(timeout_s=10)
+            await tracker.close()  # as the server's shutdown: the deliveries in flight end, and their records land
 
         asyncio.run(restart())
 
     assert [json.loads(body)["id"] for _, body, _ in receiver.calls] == ["cut-short"]  # "given-up" had its 2 tries
-    attempts = store.get("cut-short").webhook_attempts
+    attempts = store.get(None, "cut-short").webhook_attempts
     assert [(a["attempt"], a["delivered"]) for a in attempts] == [(1, False), (2, True)]
+
+
+def test_a_database_replaced_under_the_store_is_noticed_and_its_records_saved(tmp_path: Path) -> None:
+    store = RequestStore(tmp_path / "loupe.db")
+    store.claim(RequestRow(id="kept-record-1", owner=None, status="completed", created=time.time(), model=MODEL,
+                           background=False))
+    assert store.vanished() is None
+    (tmp_path / "loupe.db").rename(tmp_path / "elsewhere.db")
+    sqlite3.connect(tmp_path / "loupe.db").close()  # another, empty file where it was
+    problem = store.vanished()
+    assert problem is not None and "replaced" in problem and "loupe.db.rescued" in problem
+    store.claim(RequestRow(id="kept-record-2", owner=None, status="completed", created=time.time(), model=MODEL,
+                           background=False))
+    store.close()  # saved again at the close, with what was written since
+    rescued = RequestStore(tmp_path / "loupe.db.rescued")
+    assert {row.id for row in rescued.with_status("completed")} == {"kept-record-1", "kept-record-2"}

@@ -30,13 +30,17 @@ def test_sigterm_drains_in_flight_work(weights_dir: Path, tmp_path: Path) -> Non
     server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
+            assert server.poll() is None, "loupe serve exited during start-up"
             try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/healthz", timeout=10).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError("loupe serve did not answer /healthz within 120 s")
         outcome: dict[str, httpx.Response] = {}
 
         def slow_request() -> None:
@@ -51,8 +55,11 @@ def test_sigterm_drains_in_flight_work(weights_dir: Path, tmp_path: Path) -> Non
                 if '"queued"' in line or '"running"' in line:  # the request is in the server's hands
                     break
         server.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        refused = httpx.get(f"{url}/v1/models", timeout=10)
+        # Until the signal is handled the server still answers; from then on it refuses new work.
+        deadline = time.monotonic() + 60
+        while (refused := httpx.get(f"{url}/v1/models", timeout=10)).status_code == 200:
+            assert time.monotonic() < deadline, "the server never began to drain"
+            time.sleep(0.05)
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "SHUTTING_DOWN"
         worker.join(timeout=300)

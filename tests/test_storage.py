@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.api.errors import status_of
+from server.api.errors import retryable, status_of
 from server.errors import LoupeError
 from server.storage import ResultStore
 
@@ -87,14 +87,15 @@ def test_full_disk_is_a_507_for_that_request_only(store: ResultStore, monkeypatc
     assert store.open(store.save(b"result", "png")) is not None
 
 
-def test_unwritable_directory_is_a_500_for_that_request_only(tmp_path: Path) -> None:
+def test_unwritable_directory_is_a_503_that_wont_clear_for_that_request_only(tmp_path: Path) -> None:
     # A file where the directory should be refuses writes even to root, unlike chmod.
     blocker = tmp_path / "data"
     blocker.write_bytes(b"not a directory")
     store = ResultStore(blocker / "results", TTL)
     with pytest.raises(LoupeError) as caught:
         store.save(b"result", "png")
-    assert (status_of(caught.value), caught.value.code) == (500, "STORAGE_UNAVAILABLE")
+    assert (status_of(caught.value), caught.value.code) == (503, "STORAGE_UNAVAILABLE")
+    assert not retryable(caught.value)  # the operator must fix it; retrying won't
     assert str(blocker) not in caught.value.message
     blocker.unlink()
     assert store.open(store.save(b"result", "png")) is not None

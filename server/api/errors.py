@@ -1,7 +1,8 @@
 """Domain errors to HTTP, in one table: status, OpenAI error type, retryability, headers.
 
 The openai SDK retries 5xx, 408, 409 and 429 unless told not to: every error that would
-fail again the same way carries `x-should-retry: false`.
+fail again the same way carries `x-should-retry: false`, and every one that clears by itself
+`x-should-retry: true` with a `Retry-After`.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from server.errors import (
     UpstreamFailed,
     UpstreamRejected,
     UpstreamTimeout,
+    without_paths,
 )
 
 
@@ -88,13 +90,10 @@ def error_type(error: LoupeError, status: int) -> str:
 
 def error_response(error: LoupeError, request_id: str | None = None) -> JSONResponse:
     status = status_of(error)
-    headers: dict[str, str] = {}
-    worth_retrying = retryable(error)
-    if not worth_retrying:
-        headers["x-should-retry"] = "false"
-    retry_after = error.retry_after_s if worth_retrying else None
-    if retry_after is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    # Said either way: a failure that clears by itself says when to come back (a second, unless it knows better).
+    headers = {"x-should-retry": "true" if retryable(error) else "false"}
+    if retryable(error):
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s or 1)))
     if isinstance(error, ShuttingDown):
         headers["Connection"] = "close"
     if request_id:
@@ -106,5 +105,5 @@ def error_object(error: BaseException) -> dict[str, str | None]:
     """The OpenAI error object for any failure: a domain error's own, or a generic server error."""
     if not isinstance(error, LoupeError):
         error = InternalError("internal error; the server log has the details")
-    return {"message": error.message, "type": error_type(error, status_of(error)), "param": error.param,
-            "code": error.code}
+    return {"message": without_paths(error.message), "type": error_type(error, status_of(error)),
+            "param": error.param, "code": error.code}

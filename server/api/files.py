@@ -25,14 +25,16 @@ async def get_result(name: str, request: Request) -> FileResponse:
     return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
 
-@progress_router.get("/progress/{request_id}", summary="Server-sent events: the progress of a running request")
+@progress_router.get("/progress/{request_id}", summary="Server-sent events: the progress of a running request of "
+                     "the caller's")
 async def watch_progress(request_id: str, request: Request) -> StreamingResponse:
+    """A key watches its own requests only: another key's request of the same id is, to it, a request that
+    hasn't arrived (the stream waits for it a while, then ends)."""
     services: Services = request.app.state.services
     owner = principal(request)
-    services.progress.check_watcher(request_id, owner)
 
     async def events() -> AsyncIterator[str]:
-        async for state in services.progress.watch(request_id, owner):
+        async for state in services.progress.watch(owner, request_id):
             if await request.is_disconnected():
                 return
             yield f"data: {json.dumps(state.as_dict())}\n\n"

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import json
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,10 @@ from server.api.protocol import AsyncAccepted, DryRunResponse, EditForm, ErrorRe
 from server.catalog import ModelEntry
 from server.config import Settings
 from server.errors import (Cancelled, DeadlineExceeded, InternalError, InvalidInput, LoupeError, NotFound,
-                           QueueFull, UnsupportedMediaType)
+                           QueueFull, StorageFull, Unavailable, UnsupportedMediaType)
 from server.jobs import Job, OutputFormat, SourceImage, resolve_target
 from server.request_store import RequestRow
+from server.progress import Channel
 from server.serving import Services, dry_run, run
 from server.storage import write_atomically
 
@@ -62,21 +65,21 @@ async def edit_image(
     request: Request, dry_run_flag: bool = Query(False, alias="dryRun", description="Check and plan without running")
 ) -> Response:
     services: Services = request.app.state.services
-    services.progress.claim(request.state.request_id, principal(request))
+    channel = services.progress.claim(principal(request), request.state.request_id)  # 409 while the id is in use
     try:
-        return await _edit(request, services, dry_run_flag)
+        return await _edit(request, services, channel, dry_run_flag)
     except BaseException:
         # Whatever ended the request, before or during its run, a watcher of its progress learns it is over.
-        services.progress.update(request.state.request_id, "failed")
+        channel.update("failed")
         raise
 
 
-async def _edit(request: Request, services: Services, dry_run_flag: bool) -> Response:
+async def _edit(request: Request, services: Services, channel: Channel, dry_run_flag: bool) -> Response:
     settings = services.settings
     request_id, owner = request.state.request_id, principal(request)
     form, image_field, extra = await _read_form(request, settings)
     try:
-        entry = await asyncio.to_thread(_resolve_model, form.model, services)  # a new custom file is inspected
+        entry = await _resolve_model(form.model, services)
         # A catalog or custom id, never the client's own string: metric labels must stay a bounded set.
         request.state.model_label = entry.id if entry.local is not None or catalog.find(entry.id) else "(gateway)"
         source = await _load_image(image_field, settings)
@@ -94,20 +97,22 @@ async def _edit(request: Request, services: Services, dry_run_flag: bool) -> Res
     headers = {"X-Loupe-Model": job.requested_model}
     if dry_run_flag:
         planned = await dry_run(job, services)
-        services.progress.update(request_id, "done")
+        channel.update("done")
         request.state.provider = headers["X-Loupe-Provider"] = planned.provider
         return JSONResponse(planned.model_dump(), headers=headers)
     base_url = (settings.public_url or str(request.base_url)).rstrip("/")
     if background:
-        return await _submit(services, job, form, extra, owner, base_url)
+        return await _submit(services, job, channel, form, extra, owner, base_url)
     cancel = threading.Event()  # set by the client going away, the deadline, or DELETE /v1/requests/{id}
     await services.tracker.begin(request_id, owner, form.model, cancel=cancel)
+    started = functools.partial(services.tracker.started, request_id, owner)
     try:
-        response = await _run_until_disconnect(request, run(job, services, cancel, base_url), cancel, settings)
+        response = await _run_until_disconnect(request, run(job, services, channel, cancel, base_url, started),
+                                               cancel, settings)
     except BaseException as error:
-        await asyncio.shield(services.tracker.failed(request_id, error))
+        await asyncio.shield(services.tracker.failed(request_id, owner, error))
         raise
-    await services.tracker.completed(request_id, response)
+    await services.tracker.completed(request_id, owner, response)
     request.state.provider = headers["X-Loupe-Provider"] = response.metadata.provider
     return StreamingResponse(_images_body(response), media_type="application/json", headers=headers)
 
@@ -118,21 +123,23 @@ def _prefers_async(request: Request) -> bool:
     return any(part.split(";")[0].split("=")[0].strip() == "respond-async" for part in preferences.split(","))
 
 
-async def _submit(services: Services, job: Job, form: EditForm, extra: dict[str, str], owner: str | None,
-                  base_url: str) -> JSONResponse:
-    """Keep the job's inputs, record it pending, start it in the background, and answer 202."""
+async def _submit(services: Services, job: Job, channel: Channel, form: EditForm, extra: dict[str, str],
+                  owner: str | None, base_url: str) -> JSONResponse:
+    """Record the job pending, keep its image, start it in the background, and answer 202."""
     tracker = services.tracker
     spec = {"form": form.model_dump(exclude_none=True), "extra": extra, "filename": job.image.filename,
             "base_url": base_url}
     row = await tracker.begin(job.request_id, owner, form.model, webhook_url=form.webhook_url, job=spec)
     try:  # only once the id is this request's: another's kept image is never overwritten
-        await asyncio.to_thread(_keep_input, tracker.input_path(job.request_id), job.image.data)
+        await asyncio.to_thread(_keep_input, tracker.input_path(job.request_id, owner), job.image.data)
     except OSError as error:
-        failure = InternalError(f"the server could not keep the request's image ({error.strerror}); try again "
-                                "later or tell the operator", code="STORAGE_UNAVAILABLE")
-        await tracker.failed(job.request_id, failure)
+        failure = (StorageFull("the server's disk is full, so it can't keep the request's image; try again later, "
+                               "or send the edit synchronously") if error.errno in (errno.ENOSPC, errno.EDQUOT)
+                   else Unavailable(f"the server could not keep the request's image ({error.strerror}); tell the "
+                                    "operator", code="STORAGE_UNAVAILABLE", transient=False))
+        await tracker.failed(job.request_id, owner, failure)
         raise failure from None
-    _start(services, job, base_url)
+    _start(services, job, channel, owner, base_url)
     accepted = AsyncAccepted(id=row.id, status=row.status, created=int(row.created), model=row.model)
     return JSONResponse(accepted.model_dump(), status_code=202,
                         headers={"Location": f"/v1/requests/{row.id}", "Preference-Applied": "respond-async",
@@ -144,41 +151,46 @@ def _keep_input(path: Path, data: bytes) -> None:
     write_atomically(path, data)
 
 
-def _start(services: Services, job: Job, base_url: str) -> None:
-    async def work(cancel: threading.Event, started: Callable[[], Awaitable[None]]) -> ImagesResponse:
-        while True:  # pending, a job waits its turn where a sync one would be told to come back later
-            try:
-                return await run(job, services, cancel, base_url, started)
-            except QueueFull as full:
-                await asyncio.sleep(full.retry_after_s or 1.0)
+def _start(services: Services, job: Job, channel: Channel, owner: str | None, base_url: str) -> None:
+    async def work(cancel: threading.Event, on_start: Callable[[], None]) -> ImagesResponse:
+        try:
+            while True:  # pending, a job waits its turn where a sync one would be told to come back later
+                try:
+                    return await run(job, services, channel, cancel, base_url, on_start)
+                except QueueFull as full:
+                    await asyncio.sleep(full.retry_after_s or 1.0)
+        except BaseException:
+            channel.update("failed")
+            raise
 
-    services.tracker.run_in_background(job.request_id, work)
+    services.tracker.run_in_background(job.request_id, owner, work)
 
 
 async def resume_pending(services: Services) -> None:
-    """At start-up: the last process's running requests are marked failed; its pending async ones start again."""
+    """At start-up: the last process's computing requests are marked failed; its pending async ones start again."""
     for row in await services.tracker.recover():
         try:
+            channel = services.progress.claim(row.owner, row.id)
             job, base_url = await _rebuild(services, row)
         except Exception as error:  # that one request fails; the server starts, and the others run
             if not isinstance(error, LoupeError):
                 log.exception("request %s could not be resumed", row.id)
-            await services.tracker.failed(row.id, error)
+            await services.tracker.failed(row.id, row.owner, error)
             continue
-        _start(services, job, base_url)
+        _start(services, job, channel, row.owner, base_url)
 
 
 async def _rebuild(services: Services, row: RequestRow) -> tuple[Job, str]:
     """A pending request's job, from the form and the image bytes kept when it was accepted."""
     spec = row.job or {}
     try:
-        data = await asyncio.to_thread(services.tracker.input_path(row.id).read_bytes)
+        data = await asyncio.to_thread(services.tracker.input_path(row.id, row.owner).read_bytes)
         form = EditForm.model_validate(spec["form"])
         base_url = str(spec["base_url"])
     except (OSError, KeyError, ValidationError):
         raise InternalError("the server restarted and could not find this request's kept inputs; send it again",
                             code="INPUTS_LOST") from None
-    entry = await asyncio.to_thread(_resolve_model, form.model, services)
+    entry = await _resolve_model(form.model, services)
     source = await asyncio.to_thread(imagework.source_image, data, spec.get("filename", "image"),
                                      services.settings.max_input_pixels)
     return _build_job(row.id, form, entry, source, spec.get("extra", {})), base_url
@@ -261,8 +273,8 @@ async def _read_form(request: Request, settings: Settings) -> tuple[EditForm, Up
     return parsed, images[0], extra
 
 
-def _resolve_model(name: str, services: Services) -> ModelEntry:
-    entry = services.engine.find(name)
+async def _resolve_model(name: str, services: Services) -> ModelEntry:
+    entry = await services.engine.find(name)  # a new custom file is read first
     if entry is not None:
         return entry
     if services.providers.route(None, name) is not None:

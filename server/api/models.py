@@ -1,7 +1,6 @@
 """GET /v1/models: every local and remote model id, and whether and where it can run now."""
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 from fastapi import APIRouter, Request
@@ -10,7 +9,8 @@ from server import catalog
 from server.api.protocol import ModelCard, ModelList
 from server.catalog import ModelEntry
 from server.engine.custom import CustomModel
-from server.errors import NotFound
+from server.engine.directory import LISTING_WAIT_S
+from server.errors import NotFound, without_paths
 from server.routing import remote_for
 from server.serving import Services
 
@@ -25,7 +25,8 @@ def _card(entry: ModelEntry, services: Services, name: str | None = None) -> Mod
     if entry.local is not None:
         reason = services.engine.unavailable_reason(entry)
         execution = services.engine.execution(entry)
-        local = {"runnable": reason is None, "reason": reason, "native_scales": list(entry.local.native_scales),
+        local = {"runnable": reason is None, "reason": without_paths(reason) if reason is not None else None,
+                 "native_scales": list(entry.local.native_scales),
                  "device": services.engine.device_name, "precision": execution.precision,
                  "layout": execution.layout}
         if reason is None:
@@ -53,8 +54,8 @@ def _card(entry: ModelEntry, services: Services, name: str | None = None) -> Mod
 def _custom_card(model: CustomModel, services: Services) -> ModelCard:
     """A file of the custom folder: what spandrel found in it, and why it can't run when it can't."""
     card = _card(model.entry, services) if model.reason is None else None
-    local = dict(card.local or {}) if card is not None else {"runnable": False, "reason": model.reason,
-                                                             "native_scales": [model.scale]}
+    local = dict(card.local or {}) if card is not None else {
+        "runnable": False, "reason": without_paths(model.reason or ""), "native_scales": [model.scale]}
     local.update(architecture=model.architecture, parameters=model.params, channels=model.channels,
                  purpose=model.purpose, file=model.path.name)
     return ModelCard(id=model.id, created=_CREATED, owned_by="custom", description=model.entry.description,
@@ -65,7 +66,7 @@ def _custom_card(model: CustomModel, services: Services) -> ModelCard:
 @router.get("/models", response_model=ModelList, summary="List models")
 async def list_models(request: Request) -> ModelList:
     services: Services = request.app.state.services
-    custom = await asyncio.to_thread(services.engine.custom_models)
+    custom = await services.engine.custom_models(LISTING_WAIT_S)
     return ModelList(data=[_card(entry, services, name) for entry in catalog.MODELS for name in (entry.id, *entry.aliases)]
                      + [_custom_card(model, services) for model in custom])
 
@@ -76,7 +77,7 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
     entry = catalog.find(model_id)
     if entry is not None:
         return _card(entry, services, model_id)
-    found = next((m for m in await asyncio.to_thread(services.engine.custom_models) if m.id == model_id), None)
+    found = next((m for m in await services.engine.custom_models(LISTING_WAIT_S) if m.id == model_id), None)
     if found is None:
         raise NotFound(f"the model `{model_id}` does not exist", "model", code="MODEL_NOT_FOUND")
     return _custom_card(found, services)

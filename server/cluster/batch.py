@@ -28,7 +28,7 @@ from server.cluster.layout import plan_layout, use_actor_cpus
 from server.cluster.runtime import connected
 from server.config import Settings
 from server.engine.runtime import LocalEngine
-from server.folders import Item, Refused
+from server.folders import Item, Refused, shown
 from server.logs import configure_logging_for
 
 _END = object()
@@ -103,7 +103,7 @@ class RayBatch:
                 failure = self._run_on_ray(pending)
         done = {record.path for record in self.records}
         for item in pending:  # Ray's actors are gone now, and have written what they wrote
-            if str(item.source) not in done:
+            if shown(str(item.source)) not in done:
                 self._deliver(_written_meanwhile(item, since) or unfinished(item, self.stopped, failure))
         return make_report(self.records, time.monotonic() - started, self.stopped)
 

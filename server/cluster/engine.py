@@ -65,11 +65,11 @@ class RayEngine:
     async def close(self) -> None:
         return None
 
-    def find(self, name: str) -> ModelEntry | None:
-        return self.directory.find(name)
+    async def find(self, name: str) -> ModelEntry | None:
+        return await self.directory.lookup(name)
 
-    def custom_models(self) -> list[CustomModel]:
-        return self.directory.custom_models()
+    async def custom_models(self, wait_s: float) -> list[CustomModel]:
+        return await self.directory.list_custom(wait_s)
 
     def unavailable_reason(self, entry: ModelEntry) -> str | None:
         return self.directory.unavailable_reason(entry)

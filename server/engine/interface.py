@@ -55,12 +55,13 @@ class Engine(Protocol):
 
     async def close(self) -> None: ...
 
-    def find(self, name: str) -> ModelEntry | None:
-        """The model `name` as this engine knows it: the catalog's, or its own (custom files)."""
+    async def find(self, name: str) -> ModelEntry | None:
+        """The model `name` as this engine knows it: the catalog's, or its own (custom files, once read)."""
         ...
 
-    def custom_models(self) -> list[CustomModel]:
-        """The models beyond the catalog this engine offers, runnable or not."""
+    async def custom_models(self, wait_s: float) -> list[CustomModel]:
+        """The models beyond the catalog this engine offers, runnable or not; a file still being read after
+        `wait_s` is listed as such."""
         ...
 
     def unavailable_reason(self, entry: ModelEntry) -> str | None:
@@ -79,8 +80,9 @@ class Engine(Protocol):
 
     async def run(self, job: Job, *, reservation: Any = None, progress: Progress | None = None,
                   cancel: threading.Event | None = None) -> Upscaled:
-        """The job's `n` results, run as one job on the reservation's place. Cancelling the awaiting task or
-        setting `cancel` stops it while it is queued or between tiles (not inside a decode or an encode)."""
+        """The job's `n` results, run as one job on the reservation's place. `progress` gets (0, tiles in all) as a
+        device takes the job, then (tiles done, tiles in all). Cancelling the awaiting task or setting `cancel`
+        stops it while it is queued or between tiles (not inside a decode or an encode)."""
         ...
 
     def stats(self) -> dict[str, float | int | None]: ...

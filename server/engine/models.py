@@ -25,7 +25,7 @@ from server.engine.aura import SeededBatch
 from server.engine.precision import Execution, PrecisionSetting
 from server.engine.profiles import ArchProfile, ProfileStore, Traits, capabilities_of
 from server.engine.tiling import TilingSpec, window_side
-from server.engine.weights import MANIFEST, find_weights, load_descriptor
+from server.engine.weights import MANIFEST, find_weights, load_descriptor, shown
 from server.errors import ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -149,10 +149,11 @@ def fetch_hint(weight_id: str, weights_dir: Path) -> str:
 def offline_hint(weight_id: str, weights_dir: Path) -> str:
     weight = MANIFEST.get(weight_id)
     if weight is None:
-        return f"put its file back in {weights_dir / custom.FOLDER}"
+        return f"put its file back in {shown(weights_dir / custom.FOLDER, weights_dir)}"
     if weight.ncnn_stem is not None:
         return "`loupe weights import-ncnn` without internet"
-    return f"place any {weight.architecture} .safetensors file in {weight.official_path(weights_dir).parent}"
+    folder = shown(weight.official_path(weights_dir).parent, weights_dir)
+    return f"place any {weight.architecture} .safetensors file in {folder}"
 
 
 def locate(weight_id: str, weights_dir: Path) -> Path | None:
@@ -169,7 +170,7 @@ def load_model(weight_id: str, weights_dir: Path, device: torch.device, setting:
     path = find_weights(weight_id, weights_dir, manifest={weight_id: weight}) if weight is not None else None
     version = custom.version_of(path) if path is not None else None  # before reading: a later change shows
     if weight is None or path is None:
-        raise ModelUnavailable(f"the weights for {weight_id} are not in {weights_dir}: run "
+        raise ModelUnavailable(f"the weights for {weight_id} are not in {shown(weights_dir, weights_dir)}: run "
                                f"{fetch_hint(weight_id, weights_dir)}", code="WEIGHTS_MISSING")
     try:
         descriptor = load_descriptor(path)
@@ -198,7 +199,7 @@ def load_model(weight_id: str, weights_dir: Path, device: torch.device, setting:
 
 
 def _corrupt(weight_id: str, weights_dir: Path, path: Path, why: str) -> ModelUnavailable:
-    return ModelUnavailable(f"the weights file {path} for {weight_id} can't be used ({why}): fetch it again with "
+    return ModelUnavailable(f"the weights file {path.name} for {weight_id} can't be used ({why}): fetch it again with "
                             f"{fetch_hint(weight_id, weights_dir)}", code="WEIGHTS_CORRUPT")
 
 

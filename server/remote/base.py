@@ -1,8 +1,8 @@
 """What every remote provider shares: the result types, the Provider protocol and careful HTTP helpers.
 
-The helpers keep upstream credentials out of everything a client or a log line
-sees, fetch result images under a size cap, and run the n calls of an emulated
-`n` together so that one failure cancels the others.
+The helpers send every call through the outbound policy (the provider's key only to its own origin),
+keep upstream credentials out of everything a client or a log line sees, fetch result images under a
+size cap, and run the n calls of an emulated `n` together so that one failure cancels the others.
 """
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from collections.abc import Awaitable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit
 
 import httpx
 
-from server import net
+from server import net, outbound
 from server.catalog import ModelEntry
 from server.errors import InvalidInput, TooLarge, UpstreamFailed, UpstreamTimeout
 from server.jobs import Job
 from server.logs import Redactor
+from server.outbound import Credentials, Outbound
 
 T = TypeVar("T")
 
@@ -59,11 +59,6 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
-def same_origin(url: str, base: str) -> bool:
-    """Whether `url` is on the scheme, host and port of `base`: only there may a provider's key be sent."""
-    a, b = urlsplit(url), urlsplit(base)
-    return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
-
 
 @contextmanager
 def _provider_image() -> Iterator[None]:
@@ -88,30 +83,52 @@ def decode_data_uri(uri: str, max_bytes: int) -> RemoteImage:
     return RemoteImage(data, media_type or None)
 
 
-async def download(
-    http: httpx.AsyncClient, url: str, *, max_bytes: int, redact: Redactor, headers: dict[str, str] | None = None
-) -> RemoteImage:
-    """A result image named by the provider: a data: URI, or an http(s) URL streamed under `max_bytes`."""
-    if url[:5].lower() == "data:":
-        return decode_data_uri(url, max_bytes)
-    if urlsplit(url).scheme not in ("http", "https"):
-        raise UpstreamFailed("the provider returned an image link Loupe can't fetch")
-    try:
-        async with http.stream("GET", url, headers=headers, follow_redirects=True, timeout=HTTP_TIMEOUT) as response:
-            if response.status_code >= 400:
-                raise UpstreamFailed(f"fetching the provider's result image failed with HTTP {response.status_code}")
-            declared = response.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                raise UpstreamFailed(f"the provider's result image is over {max_bytes} bytes", transient=False)
-            with _provider_image():
-                data = await net.read_capped(response.aiter_bytes(), max_bytes)
-            content_type = response.headers.get("content-type", "").split(";")[0].strip() or None
-    except httpx.TimeoutException:
-        raise UpstreamTimeout("fetching the provider's result image timed out") from None
-    except httpx.HTTPError as exc:
-        reason = redact(str(exc)) or type(exc).__name__
-        raise UpstreamFailed(f"fetching the provider's result image failed: {reason}") from None
-    return RemoteImage(data, content_type)
+@dataclass(frozen=True)
+class Upstream:
+    """How a provider talks HTTP: every call through the outbound policy, its key only to its own origin, and
+    every transport failure as a 502 or 504 in the provider's name."""
+
+    name: str  # "fal.ai", "the gateway": how messages name it
+    policy: Outbound
+    http: httpx.AsyncClient
+    credentials: Credentials | None
+    redact: Redactor
+
+    async def call(self, method: str, url: str, *, what: str | None = None, timeout: httpx.Timeout = HTTP_TIMEOUT,
+                   **body: Any) -> httpx.Response:
+        """One request (no redirects followed: a redirect is the answer); `what` names the service in failures."""
+        what = what or self.name
+        try:
+            return await self.policy.send(self.http, method, url, noun="the URL", timeout=timeout,
+                                          credentials=self.credentials, **body)
+        except outbound.TimedOut:
+            raise UpstreamTimeout(f"{what} did not answer in time") from None
+        except outbound.Blocked as failure:
+            raise UpstreamFailed(f"{what} pointed Loupe at an address it won't reach: {failure.message}",
+                                 transient=False) from None
+        except outbound.OutboundFailure as failure:
+            raise UpstreamFailed(f"{what} is unreachable: {self.redact(failure.message)}") from None
+
+    async def download(self, url: str, *, max_bytes: int) -> RemoteImage:
+        """A result image the provider named: a data: URI, or an http(s) URL streamed under `max_bytes`, its
+        redirects followed and each hop vetted."""
+        if url[:5].lower() == "data:":
+            return decode_data_uri(url, max_bytes)
+        what = "the provider's result image"
+        try:
+            data, content_type = await self.policy.fetch(url, noun="the URL", max_bytes=max_bytes,
+                                                         timeout_s=HTTP_TIMEOUT.read or 60.0, client=self.http,
+                                                         credentials=self.credentials)
+        except outbound.TimedOut:
+            raise UpstreamTimeout(f"fetching {what} timed out") from None
+        except outbound.Oversized:
+            raise UpstreamFailed(f"{what} is over {max_bytes} bytes", transient=False) from None
+        except outbound.Blocked as failure:
+            raise UpstreamFailed(f"the provider pointed Loupe at an address it won't reach: {failure.message}",
+                                 transient=False) from None
+        except outbound.OutboundFailure as failure:
+            raise UpstreamFailed(f"fetching {what} failed: {self.redact(failure.message)}") from None
+        return RemoteImage(data, content_type)
 
 
 async def run_all(calls: Iterable[Awaitable[T]]) -> list[T]:
@@ -128,14 +145,6 @@ async def run_all(calls: Iterable[Awaitable[T]]) -> list[T]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-def describe_upstream_failure(redact: Redactor, what: str, exc: httpx.HTTPError) -> UpstreamFailed:
-    """A transport failure talking to a provider: 504 for a timeout, 502 otherwise."""
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout(f"{what} did not answer in time")
-    reason = redact(str(exc)) or type(exc).__name__
-    return UpstreamFailed(f"{what} is unreachable: {reason}")
 
 
 def max_result_bytes(max_output_side: int) -> int:

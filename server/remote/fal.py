@@ -28,17 +28,8 @@ from server.errors import InvalidInput, UpstreamFailed, UpstreamRejected, Upstre
 from server.jobs import Job
 from server.logs import Redactor
 from server.remote import normalize
-from server.remote.base import (
-    HTTP_TIMEOUT,
-    RemoteImage,
-    RemoteResult,
-    describe_upstream_failure,
-    download,
-    json_body,
-    max_result_bytes,
-    run_all,
-    same_origin,
-)
+from server.outbound import Credentials, Outbound, origin_of
+from server.remote.base import RemoteImage, RemoteResult, Upstream, json_body, max_result_bytes, run_all
 from server.remote.breaker import CircuitBreaker
 
 log = logging.getLogger("loupe.remote.fal")
@@ -68,17 +59,19 @@ class FalProvider:
     name = "fal"
     display_name = "fal.ai"
 
-    def __init__(self, settings: Settings, http: httpx.AsyncClient, *, breaker: CircuitBreaker | None = None) -> None:
+    def __init__(self, settings: Settings, http: httpx.AsyncClient, policy: Outbound, *,
+                 breaker: CircuitBreaker | None = None) -> None:
         if not settings.fal_key:
             raise ValueError("FalProvider needs LOUPE_FAL_KEY")
         self._base = settings.fal_url.rstrip("/")
         self._storage = settings.fal_storage_url.rstrip("/")
         self._upload_threshold = settings.fal_upload_threshold_bytes
-        self._headers = {"Authorization": f"Key {settings.fal_key}"}
+        key = {"Authorization": f"Key {settings.fal_key}"}
         self._timeout_s = settings.remote_timeout_s
         self._max_image_bytes = max_result_bytes(settings.max_output_side)
-        self._http = http
         self._redact = Redactor([settings.fal_key, settings.gateway_key])
+        self._queue = Upstream(self.display_name, policy, http, Credentials(key, origin_of(self._base)), self._redact)
+        self._store = Upstream("fal.ai storage", policy, http, Credentials(key, origin_of(self._storage)), self._redact)
         self.breaker = breaker or CircuitBreaker(self.display_name)
         self._cancels: set[asyncio.Task[None]] = set()
 
@@ -128,16 +121,9 @@ class FalProvider:
 
     async def _upload(self, data: bytes, media_type: str, file_name: str) -> str:
         """Store the image with fal and return its file URL. Not retried: a failure is the client's to retry."""
-        try:
-            response = await self._http.post(
-                f"{self._storage}/storage/upload/initiate",
-                params={"storage_type": _STORAGE_TYPE},
-                json={"file_name": file_name, "content_type": media_type},
-                headers=self._headers,
-                timeout=HTTP_TIMEOUT,
-            )
-        except httpx.HTTPError as exc:
-            raise describe_upstream_failure(self._redact, "fal.ai storage", exc) from None
+        response = await self._store.call("POST", f"{self._storage}/storage/upload/initiate",
+                                          params={"storage_type": _STORAGE_TYPE},
+                                          json={"file_name": file_name, "content_type": media_type})
         if response.status_code >= 400:
             raise self._storage_error(response)
         body = json_body(response)
@@ -145,14 +131,10 @@ class FalProvider:
         file_url = body.get("file_url") if isinstance(body, dict) else None
         if not (_is_web_url(upload_url) and _is_web_url(file_url)):
             raise UpstreamFailed("fal.ai storage answered without an upload_url and a file_url")
-        # The upload URL is signed and on another host: it gets the bytes, never the key.
-        try:
-            uploaded = await self._http.put(
-                upload_url, content=data, headers={"Content-Type": media_type}, timeout=HTTP_TIMEOUT
-            )
-        except httpx.HTTPError as exc:
-            raise describe_upstream_failure(self._redact, "fal.ai storage", exc) from None
-        if uploaded.status_code >= 400:
+        # The upload URL is signed and on another host: it gets the bytes, never the key, and only if the outbound
+        # policy lets Loupe reach where it points.
+        uploaded = await self._store.call("PUT", upload_url, content=data, headers={"Content-Type": media_type})
+        if uploaded.status_code >= 300:
             log.warning("fal.ai storage refused the upload with HTTP %s", uploaded.status_code)
             raise UpstreamFailed(f"uploading the image to fal.ai storage failed with HTTP {uploaded.status_code}",
                                  transient=_worth_retrying(uploaded.status_code))
@@ -201,12 +183,7 @@ class FalProvider:
         return UpstreamTimeout(f"fal.ai did not finish within {self._timeout_s:g} s (LOUPE_REMOTE_TIMEOUT_S)")
 
     async def _submit(self, route: FalRoute, payload: dict[str, object]) -> _Queued:
-        try:
-            response = await self._http.post(
-                f"{self._base}/{route.app_id}", json=payload, headers=self._headers, timeout=HTTP_TIMEOUT
-            )
-        except httpx.HTTPError as exc:
-            raise describe_upstream_failure(self._redact, "fal.ai", exc) from None
+        response = await self._queue.call("POST", f"{self._base}/{route.app_id}", json=payload)
         if response.status_code >= 400:
             raise self._error(response, route)
         body = json_body(response)
@@ -218,7 +195,7 @@ class FalProvider:
         queued = _Queued(body["request_id"], body["status_url"], body["response_url"], cancel_url)
         # The key goes with every poll: never to a host other than the one configured.
         for url in (queued.status_url, queued.response_url, queued.cancel_url):
-            if url is not None and not same_origin(url, self._base):
+            if url is not None and origin_of(url) != origin_of(self._base):
                 raise UpstreamFailed("fal.ai answered with queue URLs on another host; Loupe won't send its key there")
         return queued
 
@@ -228,7 +205,7 @@ class FalProvider:
         if response.status_code >= 400:
             raise self._error(response, route)
         url = _first_image_url(json_body(response), route)
-        return await download(self._http, url, max_bytes=self._max_image_bytes, redact=self._redact)
+        return await self._queue.download(url, max_bytes=self._max_image_bytes)
 
     async def _wait(self, queued: _Queued) -> None:
         delay = _POLL_FIRST_S
@@ -252,11 +229,11 @@ class FalProvider:
             attempt += 1
             last = attempt == _READ_ATTEMPTS
             try:
-                response = await self._http.get(url, headers=self._headers, timeout=HTTP_TIMEOUT)
-            except httpx.HTTPError as exc:
-                if last:
-                    raise describe_upstream_failure(self._redact, "fal.ai", exc) from None
-                log.warning("fal.ai read failed, retrying: %s", self._redact(str(exc)) or type(exc).__name__)
+                response = await self._queue.call("GET", url)
+            except UpstreamFailed as failure:
+                if last or not failure.transient:
+                    raise
+                log.warning("fal.ai read failed, retrying: %s", failure.message)
             else:
                 definitive = "x-fal-error-type" in response.headers
                 if last or definitive or response.status_code not in _TRANSIENT_STATUSES:
@@ -304,9 +281,9 @@ class FalProvider:
             log.warning("fal request %s can't be cancelled: the submit gave no cancel_url", queued.request_id)
             return
         try:
-            response = await self._http.put(queued.cancel_url, headers=self._headers, timeout=_CANCEL_TIMEOUT)
-        except httpx.HTTPError as exc:
-            log.warning("cancelling fal request %s failed: %s", queued.request_id, self._redact(str(exc)))
+            response = await self._queue.call("PUT", queued.cancel_url, timeout=_CANCEL_TIMEOUT)
+        except UpstreamFailed as failure:
+            log.warning("cancelling fal request %s failed: %s", queued.request_id, failure.message)
             return
         log.info("fal request %s cancelled (HTTP %s)", queued.request_id, response.status_code)
 

@@ -20,18 +20,8 @@ from server.errors import UpstreamFailed, UpstreamRejected, UpstreamTimeout
 from server.jobs import Job
 from server.logs import Redactor
 from server.remote import normalize
-from server.remote.base import (
-    HTTP_TIMEOUT,
-    RemoteImage,
-    RemoteResult,
-    decode_base64,
-    describe_upstream_failure,
-    download,
-    json_body,
-    max_result_bytes,
-    run_all,
-    same_origin,
-)
+from server.outbound import Credentials, Outbound, origin_of
+from server.remote.base import RemoteImage, RemoteResult, Upstream, decode_base64, json_body, max_result_bytes, run_all
 from server.remote.breaker import CircuitBreaker
 
 log = logging.getLogger("loupe.remote.gateway")
@@ -44,15 +34,17 @@ class GatewayProvider:
     name = "gateway"
     display_name = "gateway"
 
-    def __init__(self, settings: Settings, http: httpx.AsyncClient, *, breaker: CircuitBreaker | None = None) -> None:
+    def __init__(self, settings: Settings, http: httpx.AsyncClient, policy: Outbound, *,
+                 breaker: CircuitBreaker | None = None) -> None:
         if not settings.gateway_url:
             raise ValueError("GatewayProvider needs LOUPE_GATEWAY_URL")
         self._base = settings.gateway_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {settings.gateway_key}"} if settings.gateway_key else {}
+        key = {"Authorization": f"Bearer {settings.gateway_key}"} if settings.gateway_key else {}
         self._timeout_s = settings.remote_timeout_s
         self._max_image_bytes = max_result_bytes(settings.max_output_side)
-        self._http = http
         self._redact = Redactor([settings.gateway_key, settings.fal_key])
+        # Its own links may need the key; anyone else's must not see it.
+        self._upstream = Upstream("the gateway", policy, http, Credentials(key, origin_of(self._base)), self._redact)
         self.breaker = breaker or CircuitBreaker("the gateway")
 
     def serves(self, entry: ModelEntry | None, model_id: str) -> bool:
@@ -114,17 +106,10 @@ class GatewayProvider:
 
     async def _post(self, job: Job, *, dry_run: bool) -> dict[str, Any]:
         image = job.image
-        try:
-            response = await self._http.post(
-                f"{self._base}/images/edits",
-                params={"dryRun": "true"} if dry_run else None,
-                data=normalize.gateway_form(job),
-                files={"image": (image.filename, image.data, image.media_type)},
-                headers=self._headers,
-                timeout=HTTP_TIMEOUT,
-            )
-        except httpx.HTTPError as exc:
-            raise describe_upstream_failure(self._redact, "the gateway", exc) from None
+        response = await self._upstream.call("POST", f"{self._base}/images/edits",
+                                             params={"dryRun": "true"} if dry_run else None,
+                                             data=normalize.gateway_form(job),
+                                             files={"image": (image.filename, image.data, image.media_type)})
         if response.status_code >= 400:
             raise self._error(response)
         body = json_body(response)
@@ -137,10 +122,7 @@ class GatewayProvider:
         if isinstance(encoded, str) and encoded:
             return RemoteImage(decode_base64(encoded, self._max_image_bytes), None)
         if isinstance(url, str) and url:
-            # Its own links may need the key; anyone else's must not see it.
-            headers = self._headers if same_origin(url, self._base) else None
-            return await download(self._http, url, max_bytes=self._max_image_bytes, redact=self._redact,
-                                  headers=headers)
+            return await self._upstream.download(url, max_bytes=self._max_image_bytes)
         raise UpstreamFailed("the gateway answered with an image that has neither url nor b64_json")
 
     def _error(self, response: httpx.Response) -> UpstreamFailed | UpstreamRejected:

@@ -163,7 +163,7 @@ class Deliverer:
             async with httpx.AsyncClient(trust_env=False) as client:
                 response = await asyncio.wait_for(
                     self.policy.send(client, "POST", url, noun="webhook_url", timeout=httpx.Timeout(timeout),
-                                     headers=headers, content=body.encode()), timeout)
+                                     headers=headers, content=body.encode(), stream=True), timeout)
                 await response.aclose()
                 return response.status_code, None
         except (asyncio.TimeoutError, outbound.TimedOut):

@@ -91,8 +91,9 @@ def error_type(error: LoupeError, status: int) -> str:
 def error_response(error: LoupeError, request_id: str | None = None) -> JSONResponse:
     status = status_of(error)
     # Said either way: a failure that clears by itself says when to come back (a second, unless it knows better).
-    headers = {"x-should-retry": "true" if retryable(error) else "false"}
-    if retryable(error):
+    retry = retryable(error)
+    headers = {"x-should-retry": "true" if retry else "false"}
+    if retry:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s or 1)))
     if isinstance(error, ShuttingDown):
         headers["Connection"] = "close"

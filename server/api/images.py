@@ -170,8 +170,8 @@ async def resume_pending(services: Services) -> None:
     """At start-up: the last process's computing requests are marked failed; its pending async ones start again."""
     for row in await services.tracker.recover():
         try:
-            channel = services.progress.claim(row.owner, row.id)
             job, base_url = await _rebuild(services, row)
+            channel = services.progress.claim(row.owner, row.id)
         except Exception as error:  # that one request fails; the server starts, and the others run
             if not isinstance(error, LoupeError):
                 log.exception("request %s could not be resumed", row.id)

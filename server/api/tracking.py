@@ -216,7 +216,7 @@ class Tracker:
         self._running.pop((owner, request_id), None)
         ending = {"status": status, "completed_at": time.time(), "job": None, **changes}
         journal = self._journal_path(owner, request_id)
-        await self._call(lambda _: _journal(journal, owner, request_id, ending), 0.0)
+        await asyncio.to_thread(_journal, journal, owner, request_id, ending)  # a file: no wait behind the store
 
         async def ended(row: RequestRow | None) -> None:
             journal.unlink(missing_ok=True)
@@ -312,7 +312,7 @@ class Tracker:
         for row in await self._waited(lambda p: self.store.undelivered(patience_s=p)):
             if len(row.webhook_attempts) < self.deliverer.attempts:
                 self._notify(row)
-        for owner, request_id, ending in await self._call(lambda _: _journaled(self.inputs / "endings"), 0.0):
+        for owner, request_id, ending in await asyncio.to_thread(_journaled, self.inputs / "endings"):
             await self._end(request_id, owner, ending.pop("status"), **ending)
         await self.flush(READ_PATIENCE_S)
         waiting = await self._waited(lambda p: self.store.with_status(*ACTIVE, patience_s=p))

@@ -126,12 +126,12 @@ def version_of(path: Path) -> Version | None:
     return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_dev
 
 
-def scan(weights_dir: Path, reserved: AbstractSet[str], wait_s: float | None = None) -> list[CustomModel]:
-    """Every custom model file there now, in name order; `reserved`: the catalog's ids and aliases. Waits up to
-    `wait_s` for inspections under way (None: until they end); a file still being read is listed as such."""
+def scan(weights_dir: Path, reserved: AbstractSet[str]) -> list[CustomModel]:
+    """Every custom model file there now, in name order, once the inspections under way have ended; `reserved`:
+    the catalog's ids and aliases."""
     models, pending = _listing(weights_dir, reserved)
-    if pending and wait_s != 0:
-        concurrent.futures.wait(pending, timeout=wait_s)
+    if pending:
+        concurrent.futures.wait(pending)
         models, _ = _listing(weights_dir, reserved)
     return models
 

@@ -94,20 +94,19 @@ class Upstream:
     credentials: Credentials | None
     redact: Redactor
 
-    async def call(self, method: str, url: str, *, what: str | None = None, timeout: httpx.Timeout = HTTP_TIMEOUT,
+    async def call(self, method: str, url: str, *, timeout: httpx.Timeout = HTTP_TIMEOUT,
                    **body: Any) -> httpx.Response:
-        """One request (no redirects followed: a redirect is the answer); `what` names the service in failures."""
-        what = what or self.name
+        """One request (no redirects followed: a redirect is the answer)."""
         try:
             return await self.policy.send(self.http, method, url, noun="the URL", timeout=timeout,
                                           credentials=self.credentials, **body)
         except outbound.TimedOut:
-            raise UpstreamTimeout(f"{what} did not answer in time") from None
+            raise UpstreamTimeout(f"{self.name} did not answer in time") from None
         except outbound.Blocked as failure:
-            raise UpstreamFailed(f"{what} pointed Loupe at an address it won't reach: {failure.message}",
+            raise UpstreamFailed(f"{self.name} pointed Loupe at an address it won't reach: {failure.message}",
                                  transient=False) from None
         except outbound.OutboundFailure as failure:
-            raise UpstreamFailed(f"{what} is unreachable: {self.redact(failure.message)}") from None
+            raise UpstreamFailed(f"{self.name} is unreachable: {self.redact(failure.message)}") from None
 
     async def download(self, url: str, *, max_bytes: int) -> RemoteImage:
         """A result image the provider named: a data: URI, or an http(s) URL streamed under `max_bytes`, its
